@@ -1,0 +1,160 @@
+//! Framing of messages on a control connection: `[PROTOCOL_VERSION: u8][postcard(Message)]`.
+//!
+//! One message per call; the transport (the daemon's QUIC streams) delimits messages. The leading
+//! version byte lets a peer refuse a different protocol with an error that names both versions
+//! instead of a confusing decode failure.
+//!
+//! Not here: the handshake and authentication (the daemon, before `Router::handle_connected`).
+//!
+//! Invariants: [`decode`] never panics on any input, and `decode(&encode(m)) == Ok(m)`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::topology::TopologyUpdate;
+
+/// The protocol version we speak; the first byte of every message.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// A message between two routers over their control connection.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Message {
+    /// Topology entries: a delta of what changed, or our full state (to a new neighbour and
+    /// periodically). Both merge the same way, so the receiver need not know which it got.
+    Gossip(TopologyUpdate),
+}
+
+/// Why bytes from a control connection are not a message.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The message was empty.
+    #[error("empty message")]
+    Empty,
+    /// The remote speaks a protocol version we don't.
+    #[error("peer speaks protocol version {got}, we speak {supported}")]
+    UnknownVersion {
+        /// The version byte the remote sent.
+        got: u8,
+        /// The version we speak ([`PROTOCOL_VERSION`]).
+        supported: u8,
+    },
+    /// postcard could not decode the body.
+    #[error("malformed message: {reason}")]
+    Malformed {
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Encodes `msg` with the version byte in front.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let mut out = vec![PROTOCOL_VERSION];
+    // Serializing our own plain data types into a Vec cannot fail.
+    let body = postcard::to_stdvec(msg).expect("invariant: Message serializes to a Vec");
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes one message. Never panics, whatever the bytes.
+pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::UnknownVersion {
+            got: version,
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    let (msg, rest) =
+        postcard::take_from_bytes::<Message>(body).map_err(|e| DecodeError::Malformed {
+            reason: e.to_string(),
+        })?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Malformed {
+            reason: format!("{} trailing bytes after the message", rest.len()),
+        });
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::PeerName;
+    use crate::topology::{ConnectionInfo, Peer, Version};
+    use proptest::prelude::*;
+
+    fn sample() -> Message {
+        Message::Gossip(TopologyUpdate {
+            peers: vec![Peer {
+                name: PeerName(0xaabb_ccdd_eeff),
+                nickname: "host-a".into(),
+                version: Version {
+                    incarnation: 1_700_000_000,
+                    counter: 7,
+                },
+                connections: vec![
+                    ConnectionInfo {
+                        peer: PeerName(2),
+                        addr: Some("192.0.2.1:6783".parse().expect("literal addr")),
+                        outbound: true,
+                    },
+                    ConnectionInfo {
+                        peer: PeerName(3),
+                        addr: None,
+                        outbound: false,
+                    },
+                ],
+            }],
+        })
+    }
+
+    #[test]
+    fn round_trips() {
+        let msg = sample();
+        let bytes = encode(&msg);
+        assert_eq!(bytes[0], PROTOCOL_VERSION);
+        assert_eq!(decode(&bytes), Ok(msg));
+        let empty = Message::Gossip(TopologyUpdate::default());
+        assert_eq!(decode(&encode(&empty)), Ok(empty));
+    }
+
+    #[test]
+    fn refuses_empty_other_versions_and_garbage() {
+        assert_eq!(decode(&[]), Err(DecodeError::Empty));
+        let mut bytes = encode(&sample());
+        bytes[0] = 2;
+        let err = decode(&bytes).expect_err("version 2 is refused");
+        assert_eq!(
+            err.to_string(),
+            "peer speaks protocol version 2, we speak 1"
+        );
+        assert!(matches!(
+            decode(&[1, 0xff]),
+            Err(DecodeError::Malformed { .. })
+        ));
+        let mut long = encode(&sample());
+        long.push(0);
+        assert!(matches!(decode(&long), Err(DecodeError::Malformed { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn random_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut bytes = vec![PROTOCOL_VERSION];
+            bytes.extend(body);
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(pos in any::<usize>(), byte in any::<u8>()) {
+            let mut bytes = encode(&sample());
+            let i = pos % bytes.len();
+            bytes[i] = byte;
+            let _ = decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! The CLI side of the local API: one HTTP/1.1 request per call over the Unix socket.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::types::ErrorBody;
+
+/// Sends `body` (JSON) to `path` and decodes the JSON answer; an error answer becomes an error with its text.
+pub(crate) async fn call<B: Serialize, R: DeserializeOwned>(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<&B>,
+) -> Result<R> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| not_running(socket, e))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .with_context(|| format!("talk to the router at {}", socket.display()))?;
+    tokio::spawn(conn);
+    let bytes = match body {
+        Some(b) => serde_json::to_vec(b).context("encode request")?,
+        None => Vec::new(),
+    };
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "meshctl")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .context("build request")?;
+    let response = sender
+        .send_request(request)
+        .await
+        .with_context(|| format!("request {path} from the router"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .context("read the router's answer")?
+        .to_bytes();
+    if !status.is_success() {
+        let text = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        return Err(anyhow!("{text}"));
+    }
+    serde_json::from_slice(&body).with_context(|| format!("decode the router's answer to {path}"))
+}
+
+fn not_running(socket: &Path, e: std::io::Error) -> anyhow::Error {
+    match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
+            "no router is running here (nothing answers at {}); start one with `meshctl launch`, \
+             or point at it with --state-dir or --socket",
+            socket.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => anyhow!(
+            "permission denied on the router's socket {}; run meshctl as root",
+            socket.display()
+        ),
+        _ => anyhow::Error::new(e).context(format!("connect to {}", socket.display())),
+    }
+}

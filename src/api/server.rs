@@ -1,0 +1,200 @@
+//! The daemon side of the local API (axum on a Unix socket).
+//!
+//! Handlers that read or change router state ask the control loop through [`Call`] and wait for its
+//! answer: the control loop stays the only owner of the router. Attach and detach need only netlink, so
+//! they run here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::{mpsc, oneshot};
+
+use super::types::{AttachRequest, AttachResponse, DetachRequest, ErrorBody, PeersRequest, Status};
+use crate::kernel::attach::{self, AttachSpec};
+use crate::kernel::netlink::Netlink;
+
+/// A request for the control loop.
+pub(crate) enum Call {
+    Status(oneshot::Sender<Status>),
+    Connect(Vec<SocketAddr>, oneshot::Sender<()>),
+    Forget(Vec<SocketAddr>, oneshot::Sender<()>),
+    Stop(oneshot::Sender<()>),
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct ApiState {
+    pub(crate) calls: mpsc::Sender<Call>,
+    pub(crate) netlink: Arc<Netlink>,
+    pub(crate) bridge: String,
+    pub(crate) mtu: u32,
+}
+
+/// Serves the API until the listener fails or the task is dropped.
+pub(crate) async fn serve(
+    listener: tokio::net::UnixListener,
+    state: ApiState,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/connect", post(connect))
+        .route("/forget", post(forget))
+        .route("/stop", post(stop))
+        .route("/attach", post(attach_container))
+        .route("/detach", post(detach_container))
+        .with_state(state);
+    axum::serve(listener, app).await
+}
+
+/// An error answer: a status code and a message that names the problem.
+pub(crate) struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn internal(e: anyhow::Error) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+}
+
+async fn ask<T>(
+    state: &ApiState,
+    make: impl FnOnce(oneshot::Sender<T>) -> Call,
+) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    let gone = || {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the router is shutting down".into(),
+        )
+    };
+    state.calls.send(make(tx)).await.map_err(|_| gone())?;
+    rx.await.map_err(|_| gone())
+}
+
+async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError> {
+    Ok(Json(ask(&state, Call::Status).await?))
+}
+
+async fn connect(
+    State(state): State<ApiState>,
+    Json(req): Json<PeersRequest>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    let addrs = crate::daemon::resolve_peers(&req.peers)
+        .await
+        .map_err(|e| bad_request(format!("{e:#}")))?;
+    ask(&state, |tx| Call::Connect(addrs.clone(), tx)).await?;
+    Ok(Json(addrs.iter().map(|a| a.to_string()).collect()))
+}
+
+async fn forget(
+    State(state): State<ApiState>,
+    Json(req): Json<PeersRequest>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    let addrs = crate::daemon::resolve_peers(&req.peers)
+        .await
+        .map_err(|e| bad_request(format!("{e:#}")))?;
+    ask(&state, |tx| Call::Forget(addrs.clone(), tx)).await?;
+    Ok(Json(addrs.iter().map(|a| a.to_string()).collect()))
+}
+
+async fn stop(State(state): State<ApiState>) -> Result<Json<()>, ApiError> {
+    ask(&state, Call::Stop).await?;
+    Ok(Json(()))
+}
+
+async fn attach_container(
+    State(state): State<ApiState>,
+    Json(req): Json<AttachRequest>,
+) -> Result<Json<AttachResponse>, ApiError> {
+    if req.ips.is_empty() {
+        return Err(bad_request("attach needs at least one --ip CIDR"));
+    }
+    let mut addrs = Vec::new();
+    for ip in &req.ips {
+        addrs.push(parse_cidr(ip).map_err(bad_request)?);
+    }
+    let netns = PathBuf::from(&req.netns);
+    if !netns.is_absolute() {
+        return Err(bad_request(format!(
+            "netns must be an absolute path, got {:?}",
+            req.netns
+        )));
+    }
+    let spec = AttachSpec {
+        netns,
+        ifname: req.ifname.clone(),
+        addrs,
+        mtu: state.mtu,
+    };
+    let attached = attach::attach(&state.netlink, &state.bridge, &spec)
+        .await
+        .map_err(internal)?;
+    Ok(Json(AttachResponse {
+        host_ifname: attached.host_ifname,
+        ifname: attached.ifname,
+        mac: format_mac(&attached.mac),
+        ips: req.ips,
+    }))
+}
+
+async fn detach_container(
+    State(state): State<ApiState>,
+    Json(req): Json<DetachRequest>,
+) -> Result<Json<()>, ApiError> {
+    attach::detach(&state.netlink, &PathBuf::from(&req.netns), &req.ifname)
+        .await
+        .map_err(internal)?;
+    Ok(Json(()))
+}
+
+/// Parses `ADDR/PREFIX`, naming what is wrong.
+pub(crate) fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (addr, prefix) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not a CIDR: write ADDRESS/PREFIX, e.g. 10.32.0.5/12"))?;
+    let addr: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} in {s:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 =
+        prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| {
+            format!("prefix {prefix:?} in {s:?} must be a number from 0 to {max}")
+        })?;
+    Ok((addr, prefix))
+}
+
+pub(crate) fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_and_errors_name_the_problem() {
+        assert_eq!(parse_cidr("10.0.0.1/24").unwrap().1, 24);
+        assert!(parse_cidr("fd00::1/64").is_ok());
+        assert!(parse_cidr("10.0.0.1")
+            .unwrap_err()
+            .contains("ADDRESS/PREFIX"));
+        assert!(parse_cidr("10.0.0.1/33").unwrap_err().contains("0 to 32"));
+        assert!(parse_cidr("x/3").unwrap_err().contains("not an IP"));
+    }
+}

@@ -1,0 +1,107 @@
+//! Documents exchanged over the local API. Field names are part of the user-visible interface.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /status`: everything `meshctl status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Status {
+    pub(crate) name: String,
+    pub(crate) nickname: String,
+    pub(crate) version: String,
+    /// Whether a mesh password is set, so that sleeve traffic is sealed.
+    pub(crate) encryption: bool,
+    pub(crate) port: u16,
+    pub(crate) bridge: String,
+    pub(crate) mtu: u32,
+    /// Every other router this one knows of.
+    pub(crate) peers: Vec<PeerStatus>,
+    /// Established connections, connection attempts to targets, and recently refused inbound attempts.
+    pub(crate) connections: Vec<ConnectionStatus>,
+    pub(crate) sleeve: SleeveStatus,
+}
+
+/// One peer in [`Status::peers`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PeerStatus {
+    pub(crate) name: String,
+    pub(crate) nickname: String,
+    /// Whether a route to it exists.
+    pub(crate) reachable: bool,
+    /// The neighbour traffic to it goes through (itself when directly connected).
+    pub(crate) next_hop: Option<String>,
+    /// `sleeve` (userspace UDP) while reachable.
+    pub(crate) overlay: Option<String>,
+    /// Why that overlay, or why none.
+    pub(crate) overlay_reason: String,
+    /// How many connections it announces.
+    pub(crate) connections: usize,
+}
+
+/// One line of [`Status::connections`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ConnectionStatus {
+    pub(crate) address: String,
+    /// `outbound` (we dial) or `inbound`.
+    pub(crate) direction: String,
+    /// `established`, `connecting`, `failed` (will retry), or `refused` (an inbound attempt we turned away).
+    pub(crate) state: String,
+    pub(crate) peer: Option<String>,
+    pub(crate) nickname: Option<String>,
+    /// The last error, e.g. `password mismatch: ...`.
+    pub(crate) error: Option<String>,
+}
+
+/// Sleeve data-plane counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct SleeveStatus {
+    /// `ChaCha20-Poly1305` or `none`.
+    pub(crate) cipher: String,
+    pub(crate) rx_datagrams: u64,
+    pub(crate) tx_datagrams: u64,
+    pub(crate) rx_frames: u64,
+    pub(crate) tx_frames: u64,
+    pub(crate) relayed_frames: u64,
+    /// Dropped datagrams or frames by reason.
+    pub(crate) drops: BTreeMap<String, u64>,
+}
+
+/// `POST /connect` and `POST /forget`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PeersRequest {
+    /// HOST[:PORT] strings.
+    pub(crate) peers: Vec<String>,
+}
+
+/// `POST /attach`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct AttachRequest {
+    /// Absolute path of the container's network namespace file.
+    pub(crate) netns: String,
+    pub(crate) ifname: String,
+    /// CIDRs, e.g. `10.32.0.5/12`.
+    pub(crate) ips: Vec<String>,
+}
+
+/// Answer to `POST /attach`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct AttachResponse {
+    pub(crate) host_ifname: String,
+    pub(crate) ifname: String,
+    pub(crate) mac: String,
+    pub(crate) ips: Vec<String>,
+}
+
+/// `POST /detach`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DetachRequest {
+    pub(crate) netns: String,
+    pub(crate) ifname: String,
+}
+
+/// Body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ErrorBody {
+    pub(crate) error: String,
+}

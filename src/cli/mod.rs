@@ -1,0 +1,246 @@
+//! The `meshctl` command line: argument definitions and dispatch, one file per subcommand group.
+//!
+//! Every command but `launch --foreground` is a thin client of the router's local API (`api/`), found
+//! through `--socket`, or `--state-dir` (the socket lives inside it), or the default place.
+
+mod attach;
+mod launch;
+mod peers;
+mod status;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+/// Default state directory when `--state-dir` is not given.
+pub(crate) const STATE_DIR_DEFAULT: &str = "/var/lib/meshctl";
+/// Default API socket when neither `--socket` nor `--state-dir` is given.
+pub(crate) const SOCKET_DEFAULT: &str = "/run/meshctl/meshctl.sock";
+/// Default control port; the sleeve uses the next one.
+pub(crate) const PORT_DEFAULT: u16 = 6783;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meshctl",
+    version,
+    about = "A mesh router for containers: connect hosts, attach containers, reach them as on one LAN",
+    long_about = "meshctl joins hosts into one encrypted layer-2 network for containers.\n\n\
+        Run `meshctl launch [PEER...]` on every host (with the same --password), then \
+        `meshctl attach NETNS --ip CIDR` to put a container on the mesh. Routers find each other by \
+        gossip and relay traffic over several hops where no direct path exists.\n\n\
+        Several routers can run on one machine, one per network namespace: give each its own --state-dir."
+)]
+pub(crate) struct Cli {
+    /// Directory for the router's identity, log, pid file and (by default) its API socket.
+    #[arg(long, global = true, env = "MESHCTL_STATE_DIR", value_name = "DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+    /// Path of the router's API socket [default: DIR/meshctl.sock with --state-dir, else /run/meshctl/meshctl.sock].
+    #[arg(long, global = true, env = "MESHCTL_SOCKET", value_name = "PATH")]
+    pub(crate) socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Start the router on this host and connect it to the given peers.
+    ///
+    /// Without --foreground the router runs in the background and this command returns once it is ready
+    /// (or fails with the reason). Needs root: it creates a bridge and a TAP device.
+    Launch(LaunchArgs),
+    /// Add peers for the running router to connect to (retried until `meshctl forget`).
+    Connect {
+        /// HOST[:PORT] of another router; PORT defaults to 6783.
+        #[arg(required = true, value_name = "HOST[:PORT]")]
+        peers: Vec<String>,
+    },
+    /// Stop connecting to peers added by `launch` or `connect` (established connections stay).
+    Forget {
+        /// HOST[:PORT] as given to launch or connect.
+        #[arg(required = true, value_name = "HOST[:PORT]")]
+        peers: Vec<String>,
+    },
+    /// Stop the running router (attached containers keep their interfaces).
+    Stop,
+    /// Show the router's peers, connections and data-plane counters.
+    Status {
+        /// Print one JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a container (a network namespace) on the mesh with a veth on the mesh bridge.
+    Attach {
+        /// A named network namespace (as in `ip netns`), a PID whose namespace to use, or a path to a netns file.
+        #[arg(value_name = "NETNS|PID")]
+        target: String,
+        /// Address with prefix for the container's interface, e.g. 10.32.0.5/12 (repeat for more).
+        #[arg(long = "ip", required = true, value_name = "CIDR")]
+        ips: Vec<String>,
+        /// Interface name inside the container.
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+    },
+    /// Remove a container's mesh interface added by `meshctl attach`.
+    Detach {
+        /// The same NETNS|PID given to attach.
+        #[arg(value_name = "NETNS|PID")]
+        target: String,
+        /// Interface name inside the container.
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+    },
+}
+
+/// Flags of `meshctl launch`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct LaunchArgs {
+    /// Routers to connect to, as HOST[:PORT]; retried until they answer.
+    #[arg(value_name = "PEER")]
+    pub(crate) peers: Vec<String>,
+    /// Stay in the foreground (for systemd and containers); log to stderr.
+    #[arg(long)]
+    pub(crate) foreground: bool,
+    /// Mesh password: only routers with the same password join, and all traffic is encrypted.
+    /// Without one, traffic is not encrypted.
+    #[arg(long, env = "MESHCTL_PASSWORD", hide_env_values = true)]
+    pub(crate) password: Option<String>,
+    /// Human name of this router in status output [default: the host name].
+    #[arg(long)]
+    pub(crate) nickname: Option<String>,
+    /// UDP port for control connections (QUIC); the sleeve data plane uses PORT+1.
+    #[arg(long, default_value_t = PORT_DEFAULT)]
+    pub(crate) port: u16,
+    /// Name of the Linux bridge containers attach to (at most 10 characters).
+    #[arg(long, default_value = "mesh")]
+    pub(crate) bridge: String,
+    /// MTU of the bridge, the TAP port and attached containers; leave room for the sleeve's overhead.
+    #[arg(long, default_value_t = 1376, value_parser = clap::value_parser!(u32).range(576..=65000))]
+    pub(crate) mtu: u32,
+    /// Connect only to peers given here or with `meshctl connect`, not to peers that others announce.
+    #[arg(long)]
+    pub(crate) no_discovery: bool,
+}
+
+/// Where to find (or put) the router's files, from the global flags.
+#[derive(Debug, Clone)]
+pub(crate) struct Paths {
+    pub(crate) state_dir: PathBuf,
+    pub(crate) socket: PathBuf,
+}
+
+impl Paths {
+    fn from_cli(cli: &Cli) -> Paths {
+        let state_dir = cli
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(STATE_DIR_DEFAULT));
+        let socket = match (&cli.socket, &cli.state_dir) {
+            (Some(s), _) => s.clone(),
+            (None, Some(dir)) => dir.join("meshctl.sock"),
+            (None, None) => PathBuf::from(SOCKET_DEFAULT),
+        };
+        Paths { state_dir, socket }
+    }
+}
+
+/// Entry point of the binary.
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let paths = Paths::from_cli(&cli);
+    let result = match cli.command {
+        Command::Launch(args) if args.foreground => crate::daemon::run_foreground(args, paths),
+        Command::Launch(args) => launch::run_background(&args, &paths),
+        command => runtime().and_then(|rt| rt.block_on(dispatch(command, &paths))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshctl: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn dispatch(command: Command, paths: &Paths) -> Result<ExitCode> {
+    match command {
+        Command::Launch(_) => unreachable!("launch is handled before the runtime starts"),
+        Command::Connect { peers } => peers::connect(paths, peers).await,
+        Command::Forget { peers } => peers::forget(paths, peers).await,
+        Command::Stop => peers::stop(paths).await,
+        Command::Status { json } => status::run(paths, json).await,
+        Command::Attach {
+            target,
+            ips,
+            ifname,
+        } => attach::attach(paths, &target, ips, ifname).await,
+        Command::Detach { target, ifname } => attach::detach(paths, &target, ifname).await,
+    }
+}
+
+/// Parses HOST[:PORT] with the default port; HOST may be a name, an IPv4 or a bracketed IPv6 address.
+pub(crate) fn split_host_port(spec: &str) -> Result<(String, u16)> {
+    if let Ok(addr) = spec.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    if let Ok(ip) = spec.parse::<std::net::IpAddr>() {
+        return Ok((ip.to_string(), PORT_DEFAULT));
+    }
+    match spec.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => {
+            let port = port.parse::<u16>().map_err(|_| {
+                anyhow::anyhow!("bad peer {spec:?}: port {port:?} is not a number from 1 to 65535")
+            })?;
+            Ok((host.to_string(), port))
+        }
+        Some(_) => anyhow::bail!("bad peer {spec:?}: write IPv6 addresses as [ADDR]:PORT"),
+        None if spec.is_empty() => anyhow::bail!("empty peer address"),
+        None => Ok((spec.to_string(), PORT_DEFAULT)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn peers_parse_with_default_port() {
+        assert_eq!(
+            split_host_port("10.0.0.1").unwrap(),
+            ("10.0.0.1".into(), 6783)
+        );
+        assert_eq!(
+            split_host_port("10.0.0.1:7000").unwrap(),
+            ("10.0.0.1".into(), 7000)
+        );
+        assert_eq!(split_host_port("host-b").unwrap(), ("host-b".into(), 6783));
+        assert_eq!(split_host_port("[::1]:9").unwrap(), ("::1".into(), 9));
+        assert!(split_host_port("a:b").is_err());
+        assert!(split_host_port("").is_err());
+    }
+
+    #[test]
+    fn socket_defaults_to_the_state_dir() {
+        let cli = Cli::parse_from(["meshctl", "--state-dir", "/tmp/x", "status"]);
+        assert_eq!(
+            Paths::from_cli(&cli).socket,
+            PathBuf::from("/tmp/x/meshctl.sock")
+        );
+        let cli = Cli::parse_from(["meshctl", "status", "--socket", "/tmp/s"]);
+        assert_eq!(Paths::from_cli(&cli).socket, PathBuf::from("/tmp/s"));
+    }
+}

@@ -1,0 +1,259 @@
+//! The composition root of the router daemon (`meshctl launch --foreground`).
+//!
+//! Builds, in order: the state directory and persistent identity, the control (QUIC) and sleeve (UDP)
+//! sockets, the bridge and its TAP port (netlink), the data-plane task, the local API, and finally the
+//! control loop (`control.rs`), which owns the mesh `Router` and runs until `meshctl stop` or a signal.
+//! On the way out it removes the TAP port, the API socket and the pid file; the bridge stays, because
+//! attached containers hang on it.
+
+mod control;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use mesh::Identity;
+use tokio::sync::{mpsc, watch};
+
+use crate::cli::{LaunchArgs, Paths};
+use crate::dataplane::forwarding::ForwardingTable;
+use crate::dataplane::sleeve::{self, Counters};
+use crate::dataplane::tap;
+use crate::kernel::netlink::Netlink;
+
+/// Longest bridge name we accept, so that the TAP's name (`BRIDGE-tap`) fits Linux's 15 characters.
+const BRIDGE_NAME_MAX: usize = 11;
+
+/// Checks that need no side effects, so that `launch` fails before it forks.
+pub(crate) fn check_launch_preconditions(args: &LaunchArgs) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "meshctl launch needs root (it creates the bridge {:?} and a TAP device); run it with sudo",
+            args.bridge
+        );
+    }
+    if args.bridge.is_empty()
+        || args.bridge.len() > BRIDGE_NAME_MAX
+        || !args
+            .bridge
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!(
+            "bad --bridge {:?}: use 1 to {BRIDGE_NAME_MAX} letters, digits, '-' or '_'",
+            args.bridge
+        );
+    }
+    if args.port == u16::MAX {
+        bail!("--port must leave room for the sleeve port (PORT+1); choose a port below 65535");
+    }
+    if let Some(p) = &args.password {
+        if p.is_empty() {
+            bail!("--password is empty; give a password or leave the flag out to run unencrypted");
+        }
+    }
+    Ok(())
+}
+
+/// Runs the router in this process until stopped.
+pub(crate) fn run_foreground(args: LaunchArgs, paths: Paths) -> Result<ExitCode> {
+    check_launch_preconditions(&args)?;
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start async runtime")?;
+    runtime.block_on(run(args, paths))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MESHCTL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
+    std::fs::create_dir_all(&paths.state_dir)
+        .with_context(|| format!("create state directory {}", paths.state_dir.display()))?;
+    let identity = load_or_create_identity(&paths.state_dir)?;
+    let nickname = args.nickname.clone().unwrap_or_else(hostname);
+    let sealed = args.password.is_some();
+
+    let control_addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.port));
+    let data_addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.port + 1));
+    let endpoint = crate::transport::quic::endpoint(control_addr, identity.pkcs8())?;
+    let data_socket = tokio::net::UdpSocket::bind(data_addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "UDP port {} (sleeve) is already in use; stop the other router or choose another --port",
+                data_addr.port()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("bind sleeve socket {data_addr}"))
+        }
+    })?;
+
+    let netlink = Arc::new(Netlink::open().context("open netlink")?);
+    let bridge_index = netlink.ensure_bridge(&args.bridge, args.mtu).await?;
+    let tap_name = format!("{}-tap", args.bridge);
+    let tap = tap::open_tap(&tap_name, args.mtu)?;
+    netlink
+        .enslave(&tap_name, bridge_index, true)
+        .await
+        .with_context(|| format!("add TAP {tap_name} to bridge {}", args.bridge))?;
+
+    let counters = Arc::new(Counters::default());
+    let (table_tx, table_rx) =
+        watch::channel(Arc::new(ForwardingTable::empty(identity.name(), sealed)));
+    let dataplane = tokio::spawn(sleeve::run(tap, data_socket, table_rx, counters.clone()));
+
+    let socket_path = paths.socket.clone();
+    let listener = bind_api_socket(&socket_path)?;
+    let (calls_tx, calls_rx) = mpsc::channel(64);
+    let api = tokio::spawn(crate::api::server::serve(
+        listener,
+        crate::api::server::ApiState {
+            calls: calls_tx,
+            netlink: netlink.clone(),
+            bridge: args.bridge.clone(),
+            mtu: args.mtu,
+        },
+    ));
+    let pid_path = paths.state_dir.join("meshctl.pid");
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .with_context(|| format!("write pid file {}", pid_path.display()))?;
+
+    let targets = resolve_peers(&args.peers).await?;
+    let incarnation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    tracing::info!(
+        name = %identity.name(), %nickname, port = args.port, bridge = %args.bridge,
+        encryption = sealed, "router ready"
+    );
+    let control = control::Control::new(control::Settings {
+        identity,
+        nickname,
+        password: args.password.clone(),
+        discovery: !args.no_discovery,
+        port: args.port,
+        bridge: args.bridge.clone(),
+        mtu: args.mtu,
+        incarnation,
+        endpoint,
+        table: table_tx,
+        counters,
+    });
+    let outcome = control.run(targets, calls_rx).await;
+
+    api.abort();
+    dataplane.abort();
+    let mut problems = Vec::new();
+    if let Err(e) = netlink.delete_link(&tap_name).await {
+        problems.push(format!("remove TAP {tap_name}: {e:#}"));
+    }
+    for path in [&socket_path, &pid_path] {
+        if let Err(e) = std::fs::remove_file(path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                problems.push(format!("remove {}: {e}", path.display()));
+            }
+        }
+    }
+    for p in &problems {
+        tracing::warn!("cleanup: {p}");
+    }
+    tracing::info!("router stopped");
+    outcome
+}
+
+/// Loads the identity from `DIR/identity.pk8`, creating it (mode 0600) on first start.
+fn load_or_create_identity(dir: &Path) -> Result<Identity> {
+    let path = dir.join("identity.pk8");
+    match std::fs::read(&path) {
+        Ok(bytes) => Identity::from_pkcs8(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "the identity file {} is damaged ({e}); move it away to make a new identity",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let rng = ring::rand::SystemRandom::new();
+            let (identity, pkcs8) =
+                Identity::generate(&rng).map_err(|e| anyhow::anyhow!("generate identity: {e}"))?;
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let tmp = dir.join("identity.pk8.tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .with_context(|| format!("create {}", tmp.display()))?;
+            f.write_all(&pkcs8)
+                .and_then(|_| f.sync_all())
+                .with_context(|| format!("write {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("install {}", path.display()))?;
+            Ok(identity)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("read {}", path.display()))),
+    }
+}
+
+/// Binds the API socket, replacing a stale file that nothing answers on.
+fn bind_api_socket(path: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "a router is already running with API socket {}; stop it with `meshctl stop` first",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale socket {}", path.display()))?;
+    }
+    tokio::net::UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))
+}
+
+/// Resolves HOST[:PORT] strings to socket addresses (IPv4 preferred, as the control socket is IPv4).
+pub(crate) async fn resolve_peers(specs: &[String]) -> Result<Vec<SocketAddr>> {
+    let mut out = Vec::new();
+    for spec in specs {
+        let (host, port) = crate::cli::split_host_port(spec)?;
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .with_context(|| format!("resolve peer {spec:?}"))?
+            .collect();
+        let addr = addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .with_context(|| format!("peer {spec:?} has no address"))?;
+        if !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    Ok(out)
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "meshctl".to_string())
+}

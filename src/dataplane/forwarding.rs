@@ -1,0 +1,77 @@
+//! The forwarding snapshot that the control loop publishes to the data plane.
+//!
+//! `ForwardingTable` is immutable once published: the control loop builds a new one whenever
+//! routes or sessions change and sends it as an `Arc` through a `tokio::sync::watch` channel. The
+//! data plane reads the newest snapshot and never waits on the control loop.
+//!
+//! Not here: route computation (`mesh::routes`), session key negotiation (the control
+//! connection) and per-session mutable state such as send counters and replay windows, which the
+//! sleeve task owns by value.
+//!
+//! Invariants: every `SessionParams::local_index` in one table is unique; `sessions` is keyed by
+//! `SessionParams::peer`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh::PeerName;
+
+/// What the data plane needs to exchange sleeve datagrams with one neighbour.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionParams {
+    /// The neighbour this session reaches.
+    pub peer: PeerName,
+    /// Where the neighbour's sleeve socket listens.
+    pub remote_addr: SocketAddr,
+    /// Index the neighbour puts in `receiver_index` when it sends to us.
+    pub local_index: u32,
+    /// Index we put in `receiver_index` when we send to the neighbour.
+    pub remote_index: u32,
+    /// ChaCha20-Poly1305 key for datagrams we send.
+    pub send_key: [u8; 32],
+    /// ChaCha20-Poly1305 key for datagrams we receive.
+    pub recv_key: [u8; 32],
+}
+
+// Keys never reach logs.
+impl fmt::Debug for SessionParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionParams")
+            .field("peer", &self.peer)
+            .field("remote_addr", &self.remote_addr)
+            .field("local_index", &self.local_index)
+            .field("remote_index", &self.remote_index)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One immutable view of routes and sessions, as the control loop last computed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardingTable {
+    /// Our own peer name.
+    pub me: PeerName,
+    /// A mesh password is set: seal everything and drop plain datagrams.
+    pub sealed: bool,
+    /// Destination peer -> next hop (from `mesh::routes`).
+    pub unicast: BTreeMap<PeerName, PeerName>,
+    /// Broadcast source -> our children in that source's broadcast tree.
+    pub broadcast: BTreeMap<PeerName, Vec<PeerName>>,
+    /// Neighbours with an established control connection.
+    pub sessions: BTreeMap<PeerName, Arc<SessionParams>>,
+}
+
+impl ForwardingTable {
+    /// A table with no routes and no sessions: the data plane drops everything it can't deliver
+    /// locally.
+    pub fn empty(me: PeerName, sealed: bool) -> Self {
+        Self {
+            me,
+            sealed,
+            unicast: BTreeMap::new(),
+            broadcast: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+        }
+    }
+}
