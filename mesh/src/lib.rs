@@ -33,6 +33,7 @@
 //! | vxlan | kernel overlay (Weave called it "fastdp") |
 //! | overlay | the per-peer choice between the two |
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod connect;
 pub mod gossip;

@@ -521,9 +521,12 @@ impl Control {
 
         let snapshot = self.settings.counters.snapshot();
         let get = |k: &str| snapshot.get(k).copied().unwrap_or(0);
-        let drops = snapshot
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("drop_").map(|k| (k.to_string(), *v)))
+        let drops = self
+            .settings
+            .counters
+            .drops()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
             .collect();
         Status {
             name: me.to_string(),

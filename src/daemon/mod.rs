@@ -73,7 +73,8 @@ pub(crate) fn run_foreground(args: LaunchArgs, paths: Paths) -> Result<ExitCode>
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MESHCTL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("MESHCTL_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,netlink_packet_route=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)

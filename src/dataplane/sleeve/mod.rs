@@ -115,7 +115,25 @@ impl Counters {
             .map(|(name, c)| (*name, c.load(Ordering::Relaxed)))
             .collect()
     }
+
+    /// Only the drop counters, by reason.
+    pub fn drops(&self) -> BTreeMap<&'static str, u64> {
+        let mut all = self.snapshot();
+        all.retain(|name, _| !TRAFFIC.contains(name));
+        all
+    }
 }
+
+/// Names in [`Counters::snapshot`] that count traffic rather than drops.
+const TRAFFIC: [&str; 7] = [
+    "rx_datagrams",
+    "tx_datagrams",
+    "rx_frames",
+    "tx_frames",
+    "rx_bytes",
+    "tx_bytes",
+    "relayed_frames",
+];
 
 fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
