@@ -9,6 +9,7 @@ mod cli;
 mod daemon;
 mod dataplane;
 mod kernel;
+mod metrics;
 mod transport;
 
 fn main() -> std::process::ExitCode {

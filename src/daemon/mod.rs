@@ -120,6 +120,20 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     let socket_path = paths.socket.clone();
     let listener = bind_api_socket(&socket_path)?;
     let (calls_tx, calls_rx) = mpsc::channel(64);
+    let metrics = if args.no_metrics {
+        None
+    } else {
+        match tokio::net::TcpListener::bind(args.metrics_addr).await {
+            Ok(l) => Some(tokio::spawn(crate::metrics::serve(l, calls_tx.clone()))),
+            Err(e) => {
+                tracing::warn!(
+                    "serving no metrics: cannot listen on {} ({e}); choose another --metrics-addr or --no-metrics",
+                    args.metrics_addr
+                );
+                None
+            }
+        }
+    };
     let api = tokio::spawn(crate::api::server::serve(
         listener,
         crate::api::server::ApiState {
@@ -158,6 +172,9 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     let outcome = control.run(targets, calls_rx).await;
 
     api.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     dataplane.abort();
     let mut problems = Vec::new();
     if let Err(e) = netlink.delete_link(&tap_name).await {
