@@ -10,6 +10,7 @@ mod daemon;
 mod dataplane;
 mod kernel;
 mod metrics;
+mod plugin;
 mod transport;
 
 fn main() -> std::process::ExitCode {

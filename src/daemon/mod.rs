@@ -22,6 +22,7 @@ use crate::cli::{LaunchArgs, Paths};
 use crate::dataplane::forwarding::ForwardingTable;
 use crate::dataplane::sleeve::{self, Counters};
 use crate::dataplane::tap;
+use crate::kernel::firewall::BridgeRules;
 use crate::kernel::netlink::Netlink;
 
 /// Longest bridge name we accept, so that the TAP's name (`BRIDGE-tap`) fits Linux's 15 characters.
@@ -86,6 +87,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     std::fs::create_dir_all(&paths.state_dir)
         .with_context(|| format!("create state directory {}", paths.state_dir.display()))?;
     let identity = load_or_create_identity(&paths.state_dir)?;
+    let targets = resolve_peers(&args.peers).await?;
     let nickname = args.nickname.clone().unwrap_or_else(hostname);
     let sealed = args.password.is_some();
 
@@ -147,7 +149,6 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("write pid file {}", pid_path.display()))?;
 
-    let targets = resolve_peers(&args.peers).await?;
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -169,6 +170,11 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         table: table_tx,
         counters,
     });
+    // Last fallible step done: from here on, cleanup below removes what we add.
+    let bridge_for_rules = args.bridge.clone();
+    let mut firewall = tokio::task::spawn_blocking(move || BridgeRules::install(&bridge_for_rules))
+        .await
+        .context("install firewall rules")?;
     let outcome = control.run(targets, calls_rx).await;
 
     api.abort();
@@ -177,6 +183,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     }
     dataplane.abort();
     let mut problems = Vec::new();
+    problems.extend(firewall.remove());
     if let Err(e) = netlink.delete_link(&tap_name).await {
         problems.push(format!("remove TAP {tap_name}: {e:#}"));
     }
