@@ -436,10 +436,8 @@ impl Router {
         let dial = self.maker.next_timeout(&self.covered_addrs());
         let expiry = self.topology.next_expiry(self.config.gc_grace);
         let gossip = self.periodic.deadline();
-        [dial, expiry, self.dirty]
-            .into_iter()
-            .flatten()
-            .fold(Some(gossip), |a, b| a.map(|a| a.min(b)))
+        let earliest = [dial, expiry, self.dirty].into_iter().flatten().min();
+        Some(earliest.map_or(gossip, |e| e.min(gossip)))
     }
 
     /// Our view of the mesh.
