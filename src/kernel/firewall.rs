@@ -45,6 +45,16 @@ impl BridgeRules {
             tracing::debug!("br_netfilter is not active here; no firewall rules needed");
             return rules;
         }
+        let found = PROGRAMS
+            .iter()
+            .any(|p| Command::new(p).arg("--version").output().is_ok());
+        if !found {
+            tracing::warn!(
+                "bridged traffic passes iptables here (br_netfilter) but no iptables program was found; \
+                 if FORWARD drops by default (Docker does), add on the host: \
+                 iptables -I FORWARD 1 -i {bridge} -o {bridge} -j ACCEPT"
+            );
+        }
         for program in PROGRAMS {
             if !in_use(program) {
                 continue;
