@@ -8,6 +8,7 @@ mod api;
 mod cli;
 mod daemon;
 mod dataplane;
+mod dns;
 mod kernel;
 mod metrics;
 mod plugin;
