@@ -105,3 +105,16 @@ pub(crate) struct DetachRequest {
 pub(crate) struct ErrorBody {
     pub(crate) error: String,
 }
+
+/// `POST /expose` and `POST /hide`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ExposeRequest {
+    /// The host's address on the mesh with prefix, e.g. `10.32.0.254/12`; for hide, None means all.
+    pub(crate) cidr: Option<String>,
+}
+
+/// Answer to `POST /expose` and `POST /hide`: the host's addresses on the bridge afterwards.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ExposeResponse {
+    pub(crate) addresses: Vec<String>,
+}

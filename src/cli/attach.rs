@@ -8,7 +8,9 @@ use hyper::Method;
 
 use super::Paths;
 use crate::api::client::call;
-use crate::api::types::{AttachRequest, AttachResponse, DetachRequest};
+use crate::api::types::{
+    AttachRequest, AttachResponse, DetachRequest, ExposeRequest, ExposeResponse,
+};
 use crate::kernel::netns;
 
 pub(super) async fn attach(
@@ -60,4 +62,28 @@ async fn resolve(target: &str) -> Result<(std::path::PathBuf, String)> {
             Ok((c.netns, format!("container {} ({short})", c.name)))
         }
     }
+}
+
+/// `meshctl expose CIDR` (`add`) and `meshctl hide [CIDR]`.
+pub(super) async fn expose(paths: &Paths, cidr: Option<String>, add: bool) -> Result<ExitCode> {
+    if let Some(c) = &cidr {
+        crate::api::server::parse_cidr(c).map_err(|e| anyhow::anyhow!(e))?;
+    }
+    let path = if add { "/expose" } else { "/hide" };
+    let r: ExposeResponse = call(
+        &paths.socket,
+        Method::POST,
+        path,
+        Some(&ExposeRequest { cidr }),
+    )
+    .await?;
+    if r.addresses.is_empty() {
+        println!("this host has no address on the mesh");
+    } else {
+        println!(
+            "this host's address on the mesh: {}",
+            r.addresses.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

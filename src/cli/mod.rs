@@ -83,6 +83,18 @@ pub(crate) enum Command {
         #[arg(long, default_value = "eth0")]
         ifname: String,
     },
+    /// Give this host an address on the mesh, so it can reach containers (and they it); traffic from
+    /// the mesh subnet that leaves through the host is masqueraded.
+    Expose {
+        /// The host's address with prefix, e.g. 10.32.0.254/12.
+        #[arg(value_name = "CIDR")]
+        cidr: String,
+    },
+    /// Remove the host's address(es) on the mesh added by `expose` (all of them without CIDR).
+    Hide {
+        #[arg(value_name = "CIDR")]
+        cidr: Option<String>,
+    },
     /// Print a shell completion script (e.g. `meshctl completions bash > /etc/bash_completion.d/meshctl`).
     Completions {
         /// The shell to complete for.
@@ -214,6 +226,8 @@ async fn dispatch(command: Command, paths: &Paths) -> Result<ExitCode> {
             ifname,
         } => attach::attach(paths, &target, ips, ifname).await,
         Command::Detach { target, ifname } => attach::detach(paths, &target, ifname).await,
+        Command::Expose { cidr } => attach::expose(paths, Some(cidr), true).await,
+        Command::Hide { cidr } => attach::expose(paths, cidr, false).await,
     }
 }
 

@@ -95,6 +95,57 @@ impl BridgeRules {
     }
 }
 
+/// Adds (`add`) or removes the masquerading rule for an exposed subnet: traffic from `net` that
+/// leaves the host through anything but the bridge gets the host's address.
+/// `-t nat POSTROUTING -s NET ! -d NET ! -o BRIDGE -m comment --comment "meshctl expose BRIDGE" -j MASQUERADE`
+pub(crate) fn masquerade(net: &str, ipv6: bool, bridge: &str, add: bool) -> Result<(), String> {
+    let program = if ipv6 { "ip6tables" } else { "iptables" };
+    let comment = format!("meshctl expose {bridge}");
+    let spec: Vec<String> = [
+        "POSTROUTING",
+        "-s",
+        net,
+        "!",
+        "-d",
+        net,
+        "!",
+        "-o",
+        bridge,
+        "-m",
+        "comment",
+        "--comment",
+        &comment,
+        "-j",
+        "MASQUERADE",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let nat = |op: &str| {
+        let mut args = vec!["-t".to_string(), "nat".to_string()];
+        args.extend(command_args(op, &spec));
+        let out = Command::new(program).args(&args).output().map_err(|e| {
+            format!("run {program} (install iptables to masquerade exposed traffic): {e}")
+        })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    };
+    let present = nat("-C").is_ok();
+    match (add, present) {
+        (true, false) => nat("-A").map_err(|e| format!("{program} -t nat -A POSTROUTING: {e}")),
+        (false, true) => {
+            while nat("-C").is_ok() {
+                nat("-D").map_err(|e| format!("{program} -t nat -D POSTROUTING: {e}"))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Whether bridged IPv4 traffic is passed to iptables in this network namespace.
 fn bridge_netfilter_active() -> bool {
     let path = Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables");

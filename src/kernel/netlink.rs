@@ -254,6 +254,64 @@ impl Netlink {
         }
     }
 
+    /// The addresses on `name` with their prefix lengths.
+    pub async fn addresses(&self, name: &str) -> anyhow::Result<Vec<(IpAddr, u8)>> {
+        Ok(self
+            .address_messages(name)
+            .await?
+            .into_iter()
+            .filter_map(|(addr, prefix, _)| Some((addr?, prefix)))
+            .collect())
+    }
+
+    /// Removes `addr/prefix` from `name`; Ok if it isn't there.
+    pub async fn del_address(&self, name: &str, addr: IpAddr, prefix: u8) -> anyhow::Result<()> {
+        for (a, p, message) in self.address_messages(name).await? {
+            if a == Some(addr) && p == prefix {
+                self.handle
+                    .address()
+                    .del(message)
+                    .execute()
+                    .await
+                    .with_context(|| format!("remove address {addr}/{prefix} from {name}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn address_messages(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<
+        Vec<(
+            Option<IpAddr>,
+            u8,
+            netlink_packet_route::address::AddressMessage,
+        )>,
+    > {
+        use netlink_packet_route::address::AddressAttribute;
+        let index = self.require_index(name).await?;
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(message) = stream
+            .try_next()
+            .await
+            .with_context(|| format!("list addresses of {name}"))?
+        {
+            let addr = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            out.push((addr, message.header.prefix_len, message));
+        }
+        Ok(out)
+    }
+
     /// Sets IFLA_BRPORT_ISOLATED on a bridge port. rtnetlink 0.14 cannot send this: the kernel
     /// applies bridge port options (IFLA_LINKINFO { INFO_SLAVE_KIND "bridge", INFO_SLAVE_DATA })
     /// only in RTM_NEWLINK, RTM_SETLINK ignores them silently, and rtnetlink's NEWLINK always
