@@ -3,11 +3,11 @@
 //!
 //! ```text
 //!   root namespace (Docker's FORWARD policy DROP, br_netfilter on)       lab netns "b"
-//!   docker container --(meshctl attach NAME)-- bridge mrNNNN -- router ==veth 10.253.X.1/.2== router [ b ] -- cB
+//!   docker container --(meshctl attach NAME)-- bridge mrNNNN -- router ==veth 10.253.X.1/.2 (lab.link_to_root)== router [ b ] -- cB
 //!        10.47.0.1                                              port 2xxxx                 6783         10.47.0.2
 //! ```
 //! The root-namespace router gets its own veth subnet and port, never the default route; everything it
-//! adds (bridge, veth, firewall rule, container) is removed at the end, also on failure.
+//! adds (bridge, firewall rule, container; the veth goes with b's namespace) is removed at the end, also on failure.
 
 mod common;
 
@@ -52,7 +52,6 @@ fn build_image(dir: &std::path::Path) -> Result<(), String> {
 /// Everything this test adds to the root namespace; dropped last.
 struct RootSide {
     bridge: String,
-    veth: String,
     container: String,
     state_dir: PathBuf,
 }
@@ -113,9 +112,9 @@ impl Drop for RootSide {
                 );
             }
         }
-        for link in [&self.veth, &self.bridge] {
-            let _ = Command::new("ip").args(["link", "del", link]).output();
-        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
@@ -133,45 +132,16 @@ fn docker_container_attached_by_name_reaches_a_namespace_host() {
     build_image(&lab.dir().join("image")).expect("build the busybox test image");
 
     let tag = std::process::id() % 10_000;
-    let subnet = 10 + (std::process::id() % 240);
-    let root_ip = format!("10.253.{subnet}.1");
-    let b_ip = format!("10.253.{subnet}.2");
     let port = 20_000 + (std::process::id() % 20_000) as u16 * 2;
     let root = RootSide {
         bridge: format!("mr{tag}"),
-        veth: format!("mr{tag}u"),
         container: format!("meshctl-test-{tag}"),
         state_dir: lab.dir().join("root-state"),
     };
 
-    // Underlay: a veth from the root namespace into host b, on its own subnet.
     let b = lab.host("b");
     let cb = lab.container(&b);
-    for args in [
-        vec![
-            "link", "add", &root.veth, "type", "veth", "peer", "name", "eth1", "netns", &b.netns,
-        ],
-        vec!["addr", "add", &format!("{root_ip}/24"), "dev", &root.veth],
-        vec!["link", "set", &root.veth, "up"],
-        vec![
-            "-n",
-            &b.netns,
-            "addr",
-            "add",
-            &format!("{b_ip}/24"),
-            "dev",
-            "eth1",
-        ],
-        vec!["-n", &b.netns, "link", "set", "eth1", "up"],
-    ] {
-        let out = Command::new("ip").args(&args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let (root_ip, _) = lab.link_to_root(&b);
 
     let (ok, out) = root.meshctl(&[
         "launch",

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!   root namespace                                                       lab netns "b"
-//!   docker container "router" (--net=host --pid=host, NET_ADMIN NET_RAW SYS_ADMIN) ==veth 10.254.X.1/.2== [ b ]
+//!   docker container "router" (--net=host --pid=host, NET_ADMIN NET_RAW SYS_ADMIN) ==veth 10.253.X.1/.2 (lab.link_to_root)== [ b ]
 //!     bridge miNNNN, port 2xxxx, state in a bind-mounted dir                               router
 //! ```
 //! Like tests/docker.rs, the root side uses its own veth subnet, bridge and port, and removes all of it.
@@ -34,7 +34,6 @@ fn run(cmd: &str, args: &[&str]) -> (bool, String) {
 struct RootSide {
     container: String,
     bridge: String,
-    veth: String,
     state_dir: PathBuf,
 }
 
@@ -53,9 +52,7 @@ impl RootSide {
 impl Drop for RootSide {
     fn drop(&mut self) {
         let _ = run("docker", &["rm", "-f", &self.container]);
-        for link in [&self.veth, &self.bridge] {
-            let _ = run("ip", &["link", "del", link]);
-        }
+        let _ = run("ip", &["link", "del", &self.bridge]);
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
@@ -96,38 +93,16 @@ fn router_image_runs_the_router_and_keeps_its_identity_across_restart() {
 
     let lab = Lab::new();
     let tag = std::process::id() % 10_000;
-    let subnet = 10 + (std::process::id() % 240);
-    let (root_ip, b_ip) = (format!("10.254.{subnet}.1"), format!("10.254.{subnet}.2"));
     let port = 20_001 + (std::process::id() % 20_000) as u16 * 2;
     let root = RootSide {
         container: format!("meshctl-router-test-{tag}"),
         bridge: format!("mi{tag}"),
-        veth: format!("mi{tag}u"),
         state_dir: lab.dir().join("router-state"),
     };
     std::fs::create_dir_all(&root.state_dir).unwrap();
 
     let b = lab.host("b");
-    for args in [
-        vec![
-            "link", "add", &root.veth, "type", "veth", "peer", "name", "eth1", "netns", &b.netns,
-        ],
-        vec!["addr", "add", &format!("{root_ip}/24"), "dev", &root.veth],
-        vec!["link", "set", &root.veth, "up"],
-        vec![
-            "-n",
-            &b.netns,
-            "addr",
-            "add",
-            &format!("{b_ip}/24"),
-            "dev",
-            "eth1",
-        ],
-        vec!["-n", &b.netns, "link", "set", "eth1", "up"],
-    ] {
-        let (ok, out) = run("ip", &args);
-        assert!(ok, "ip {}: {out}", args.join(" "));
-    }
+    let (root_ip, _) = lab.link_to_root(&b);
 
     let volume = format!("{}:/state", root.state_dir.display());
     let port_s = port.to_string();

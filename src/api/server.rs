@@ -180,11 +180,7 @@ async fn expose(
         .add_address(&state.bridge, addr, prefix)
         .await
         .map_err(internal)?;
-    let (net, bridge) = (network(addr, prefix), state.bridge.clone());
-    tokio::task::spawn_blocking(move || masquerade(&net, addr.is_ipv6(), &bridge, true))
-        .await
-        .map_err(|e| internal(e.into()))?
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    set_masquerade(&state, addr, prefix, true).await?;
     bridge_addresses(&state).await
 }
 
@@ -220,13 +216,23 @@ async fn hide(
             .del_address(&state.bridge, addr, prefix)
             .await
             .map_err(internal)?;
-        let (net, bridge) = (network(addr, prefix), state.bridge.clone());
-        tokio::task::spawn_blocking(move || masquerade(&net, addr.is_ipv6(), &bridge, false))
-            .await
-            .map_err(|e| internal(e.into()))?
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        set_masquerade(&state, addr, prefix, false).await?;
     }
     bridge_addresses(&state).await
+}
+
+/// Adds or removes the masquerading rule for the subnet of `addr/prefix` (runs iptables off the runtime).
+async fn set_masquerade(
+    state: &ApiState,
+    addr: std::net::IpAddr,
+    prefix: u8,
+    add: bool,
+) -> Result<(), ApiError> {
+    let (net, bridge) = (network(addr, prefix), state.bridge.clone());
+    tokio::task::spawn_blocking(move || masquerade(&net, addr.is_ipv6(), &bridge, add))
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
 }
 
 async fn bridge_addresses(state: &ApiState) -> Result<Json<ExposeResponse>, ApiError> {
