@@ -418,9 +418,9 @@ impl Control {
             }
         }
         if self.table_dirty {
-            self.table_dirty = false;
             // Routes or connections changed: who may be on VXLAN may have changed too.
             self.evaluate_overlays(Instant::now());
+            self.table_dirty = false;
             self.publish_table();
         }
     }

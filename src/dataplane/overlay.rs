@@ -125,12 +125,12 @@ impl ProbeState {
             self.streak_since = None;
             self.lost_since = Some(self.last_full.unwrap_or(self.started));
         }
-        if !self.up
-            && recent(self.last_full)
-            && self
-                .streak_since
-                .is_some_and(|s| now.saturating_duration_since(s) >= RETURN_AFTER)
-        {
+        // The run of answers must itself span the hold-down (not just have begun that long ago).
+        let streak = match (self.streak_since, self.last_full) {
+            (Some(first), Some(last)) => last.saturating_duration_since(first),
+            _ => Duration::ZERO,
+        };
+        if !self.up && recent(self.last_full) && streak >= RETURN_AFTER {
             self.up = true;
             self.lost_since = None;
         }

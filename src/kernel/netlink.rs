@@ -658,6 +658,41 @@ mod tests {
     }
 
     #[test]
+    fn vxlan_flood_entries_append_list_and_delete() {
+        let Some(ns) = TestNetns::new() else { return };
+        let (a, b) = ("10.9.9.1".parse().unwrap(), "10.9.9.2".parse().unwrap());
+        let listed = ns.block_on(move |nl| async move {
+            let br = nl.ensure_bridge("br-t", 1500).await?;
+            let vx = nl.create_vxlan("vx-t", 4242, 6785, 1450).await?;
+            nl.enslave("vx-t", br, true).await?;
+            nl.fdb_append(vx, [0; 6], a, 6785).await?;
+            nl.fdb_append(vx, [0; 6], b, 6785).await?;
+            nl.fdb_append(vx, [0; 6], b, 6785).await?; // already there: fine
+            nl.fdb_delete(vx, [0; 6], a).await?;
+            nl.fdb_delete(vx, [0; 6], a).await?; // gone already: fine
+            nl.flush_bridge_port("vx-t").await?;
+            nl.fdb_remotes(vx).await
+        });
+        assert_eq!(
+            listed,
+            vec![FdbRemote {
+                mac: [0; 6],
+                dst: b,
+                permanent: true
+            }]
+        );
+        let out = ip(&["-n", ns.name(), "-d", "link", "show", "vx-t"]);
+        assert!(
+            out.contains("vxlan id 4242") && out.contains("dstport 6785"),
+            "{out}"
+        );
+        assert!(
+            out.contains("isolated on") && out.contains("mtu 1450"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn invalid_names_are_refused_before_the_kernel_sees_them() {
         let Some(ns) = TestNetns::new() else { return };
         let err = ns.try_block_on(|nl| async move { nl.link_index("a-name-far-too-long").await });
