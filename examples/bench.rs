@@ -9,8 +9,10 @@
 //! Each row gets a fresh lab: two hosts on a veth underlay and, except for "raw underlay", one
 //! container per host. iperf3 (TCP, -J) measures throughput from c1 to c2 and `ping -c 20
 //! -i 0.01` the mean round trip. Rows: raw underlay (host to host); kernel VXLAN, hand-built
-//! here with `ip` (vxlan + bridge + veth); meshctl sleeve without password; meshctl sleeve with
-//! password (ChaCha20-Poly1305). Ratios are against raw and against kernel VXLAN.
+//! here with `ip` (vxlan + bridge + veth); meshctl fast path (kernel VXLAN chosen by meshctl, no
+//! password, `--mtu 1450` like the hand-built row); meshctl sleeve without password
+//! (`--no-fastpath`); meshctl sleeve with password (ChaCha20-Poly1305). Ratios are against raw and
+//! against kernel VXLAN; the last column is the round trip added over the hand-built VXLAN.
 
 #[path = "../tests/common/lab.rs"]
 mod lab;
@@ -204,11 +206,11 @@ fn kernel_vxlan() -> Row {
     )
 }
 
-fn meshctl(name: &'static str, password: Option<&str>) -> Row {
+fn meshctl(name: &'static str, password: Option<&str>, extra: &[&str]) -> Row {
     let lab = Lab::new();
     let (a, b) = (lab.host("a"), lab.host("b"));
     let (a_ip, _) = lab.link(&a, &b);
-    let mut args_a = Vec::new();
+    let mut args_a = extra.to_vec();
     if let Some(p) = password {
         args_a.extend(["--password", p]);
     }
@@ -225,6 +227,12 @@ fn meshctl(name: &'static str, password: Option<&str>) -> Row {
     let (ip1, ip2) = (Ipv4Addr::new(10, 42, 0, 1), Ipv4Addr::new(10, 42, 0, 2));
     let c1 = attach(&a, ip1);
     let c2 = attach(&b, ip2);
+    if !extra.contains(&"--no-fastpath") && password.is_none() {
+        // The fast path: wait until meshctl has chosen it.
+        lab::wait_for(WAIT_MAX, || {
+            a.status_json()["peers"][0]["overlay"] == "vxlan"
+        });
+    }
     if !lab::wait_for(WAIT_MAX, || lab::ping(&c1.netns, ip2)) {
         eprintln!("{name}: containers cannot ping:{}", lab.report());
         return Row {
@@ -264,14 +272,17 @@ fn main() -> ExitCode {
         eprintln!("bench: {e}");
         return ExitCode::FAILURE;
     }
-    let scenarios: [Scenario; 4] = [
+    let scenarios: [Scenario; 5] = [
         ("raw underlay", raw),
         ("kernel vxlan", kernel_vxlan),
+        ("meshctl fast path", || {
+            meshctl("meshctl fast path", None, &["--mtu", "1450"])
+        }),
         ("meshctl sleeve plain", || {
-            meshctl("meshctl sleeve plain", None)
+            meshctl("meshctl sleeve plain", None, &["--no-fastpath"])
         }),
         ("meshctl sleeve encrypted", || {
-            meshctl("meshctl sleeve encrypted", Some("bench"))
+            meshctl("meshctl sleeve encrypted", Some("bench"), &[])
         }),
     ];
     let mut rows = Vec::new();
@@ -290,23 +301,28 @@ fn main() -> ExitCode {
         );
         rows.push(row);
     }
-    let (raw_bw, vx_bw) = (rows[0].gbit_per_s, rows[1].gbit_per_s);
+    let (raw_bw, vx_bw, vx_rtt) = (rows[0].gbit_per_s, rows[1].gbit_per_s, rows[1].rtt_ms);
     println!(
         "\niperf3 TCP {} s, ping -c 20 -i 0.01, veth underlay with MTU 1500\n",
         seconds()
     );
     println!(
-        "{:<26} {:>9} {:>9} {:>8} {:>8}  note",
-        "path", "Gbit/s", "rtt ms", "vs raw", "vs vxlan"
+        "{:<26} {:>9} {:>9} {:>8} {:>8} {:>12}  note",
+        "path", "Gbit/s", "rtt ms", "vs raw", "vs vxlan", "+rtt µs"
     );
     for row in &rows {
+        let added_us = match (row.rtt_ms, vx_rtt) {
+            (Some(r), Some(v)) => Some((r - v) * 1000.0),
+            _ => None,
+        };
         println!(
-            "{:<26} {:>9} {:>9} {:>8} {:>8}  {}",
+            "{:<26} {:>9} {:>9} {:>8} {:>8} {:>12}  {}",
             row.name,
             fmt(row.gbit_per_s, 2),
             fmt(row.rtt_ms, 3),
             ratio(row.gbit_per_s, raw_bw),
             ratio(row.gbit_per_s, vx_bw),
+            fmt(added_us, 1),
             row.note
         );
     }

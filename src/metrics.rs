@@ -208,6 +208,7 @@ mod tests {
                 next_hop: Some("11:22:33:44:55:66".into()),
                 overlay: Some("sleeve".into()),
                 overlay_reason: "encrypted".into(),
+                mtu: Some(1376),
                 connections: 1,
             }],
             connections: vec![ConnectionStatus {

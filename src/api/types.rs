@@ -31,10 +31,14 @@ pub(crate) struct PeerStatus {
     pub(crate) reachable: bool,
     /// The neighbour traffic to it goes through (itself when directly connected).
     pub(crate) next_hop: Option<String>,
-    /// `sleeve` (userspace UDP) while reachable.
+    /// `vxlan` (kernel fast path) or `sleeve` (userspace UDP) while reachable.
     pub(crate) overlay: Option<String>,
-    /// Why that overlay, or why none.
+    /// Why that overlay (empty for `vxlan`), or why none: `encryption required`, `fast path
+    /// disabled`, `vxlan probe lost since 12:03:04 UTC`, ...
     pub(crate) overlay_reason: String,
+    /// The container MTU the path to it carries, while reachable.
+    #[serde(default)]
+    pub(crate) mtu: Option<u32>,
     /// How many connections it announces.
     pub(crate) connections: usize,
 }

@@ -129,7 +129,7 @@ pub(crate) struct LaunchArgs {
     /// Human name of this router in status output [default: the host name].
     #[arg(long)]
     pub(crate) nickname: Option<String>,
-    /// UDP port for control connections (QUIC); the sleeve data plane uses PORT+1.
+    /// UDP port for control connections (QUIC); the sleeve uses PORT+1, VXLAN PORT+2.
     #[arg(long, default_value_t = PORT_DEFAULT)]
     pub(crate) port: u16,
     /// Name of the Linux bridge containers attach to (at most 10 characters).
@@ -147,6 +147,14 @@ pub(crate) struct LaunchArgs {
     /// Serve no metrics.
     #[arg(long)]
     pub(crate) no_metrics: bool,
+    /// Never use the kernel VXLAN fast path (UDP PORT+2); carry everything over the sleeve.
+    #[arg(long)]
+    pub(crate) no_fastpath: bool,
+    /// Underlay subnets (CIDR, comma-separated or repeated) whose hosts trust each other's
+    /// network: between two addresses inside them, traffic may skip encryption and take the
+    /// VXLAN fast path even with a password.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub(crate) trusted_subnets: Vec<ipnet::IpNet>,
 }
 
 /// Where to find (or put) the router's files, from the global flags.

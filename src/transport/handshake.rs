@@ -44,6 +44,22 @@ pub(crate) struct Hello {
     pub(crate) data_port: u16,
     /// The receiver index the peer must put on sleeve datagrams for us.
     pub(crate) session_index: u32,
+    /// The kernel VXLAN fast path, if this router offers it. Not part of the postcard `Hello`
+    /// itself: it travels as a second postcard value after the `Step`, which routers without it
+    /// ignore (postcard stops reading at the end of a value) and which may be absent from theirs.
+    #[serde(skip)]
+    pub(crate) vxlan: Option<VxlanHello>,
+}
+
+/// How to reach a router's VXLAN device.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct VxlanHello {
+    /// UDP port of its VXLAN device.
+    pub(crate) port: u16,
+    /// Its VNI; the fast path works only between equal VNIs.
+    pub(crate) vni: u32,
+    /// MAC address of its VXLAN device (where probes are addressed).
+    pub(crate) mac: [u8; 6],
 }
 
 #[derive(Serialize, Deserialize)]
@@ -319,6 +335,11 @@ fn sleeve_secret(conn: &quinn::Connection, key: &[u8]) -> Result<Vec<u8>, Handsh
 fn emit(step: &Step) -> Vec<u8> {
     let mut out = vec![PROTOCOL_VERSION];
     out.extend(postcard::to_stdvec(step).expect("invariant: handshake steps always serialize"));
+    if let Step::Hello(hello) = step {
+        out.extend(
+            postcard::to_stdvec(&hello.vxlan).expect("invariant: hello extensions serialize"),
+        );
+    }
     out
 }
 
@@ -338,7 +359,19 @@ fn parse(frame: &[u8]) -> Result<Step, HandshakeError> {
             got: v,
             supported: PROTOCOL_VERSION,
         }),
-        Some(_) => postcard::from_bytes(&frame[1..]).map_err(|e| malformed(&e.to_string())),
+        Some(_) => {
+            let (mut step, rest): (Step, &[u8]) =
+                postcard::take_from_bytes(&frame[1..]).map_err(|e| malformed(&e.to_string()))?;
+            if let Step::Hello(hello) = &mut step {
+                // Absent from older routers; trailing values after it are for newer ones.
+                if !rest.is_empty() {
+                    let (vxlan, _): (Option<VxlanHello>, _) = postcard::take_from_bytes(rest)
+                        .map_err(|e| malformed(&format!("hello extension: {e}")))?;
+                    hello.vxlan = vxlan;
+                }
+            }
+            Ok(step)
+        }
     }
 }
 
@@ -405,6 +438,7 @@ mod tests {
             sealed,
             data_port: 6784,
             session_index: 7,
+            vxlan: None,
         }
     }
 
@@ -447,6 +481,27 @@ mod tests {
         let (a, ma) = start_pake("pw");
         let (b, mb) = start_pake("other");
         assert_ne!(a.finish(&mb).unwrap(), b.finish(&ma).unwrap());
+    }
+
+    #[test]
+    fn hello_extension_round_trips_and_older_hellos_still_parse() {
+        let mut ours = hello(false);
+        ours.vxlan = Some(VxlanHello {
+            port: 6785,
+            vni: 42,
+            mac: [2, 0, 0, 0, 0, 1],
+        });
+        match parse(&emit(&Step::Hello(ours.clone()))) {
+            Ok(Step::Hello(h)) => assert_eq!(h, ours),
+            _ => panic!("hello with vxlan must parse"),
+        }
+        // What a router without the extension sends: the Step alone.
+        let mut old = vec![PROTOCOL_VERSION];
+        old.extend(postcard::to_stdvec(&Step::Hello(hello(false))).unwrap());
+        match parse(&old) {
+            Ok(Step::Hello(h)) => assert_eq!(h.vxlan, None),
+            _ => panic!("hello without vxlan must parse"),
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! header (16 bytes, the AEAD's associated data)
-//!   [kind u8][flags u8][reserved u16 = 0][receiver_index u32 BE][counter u64 BE]
+//!   [kind u8][flags u8 (FLAG_RELAY_ONLY)][reserved u16 = 0][receiver_index u32 BE][counter u64 BE]
 //! body (the plaintext; sealed datagrams append a 16-byte tag after it)
 //!   [src peer 6][dst peer 6, all zero = broadcast][hop_limit u8][frame_count u8]
 //!   frame_count x [len u16 BE][ethernet frame]
@@ -28,6 +28,10 @@ pub const ETHERNET_HEADER_LEN: usize = 14;
 pub const HOP_LIMIT_OFFSET: usize = 12;
 /// Offset of `frame_count` within the body.
 pub const FRAME_COUNT_OFFSET: usize = 13;
+/// Header flag: the receiver already got these frames over kernel VXLAN from the source; it
+/// must only relay them along the source's broadcast tree, not deliver them to its TAP.
+/// Only ever sent to peers that advertised VXLAN support.
+pub const FLAG_RELAY_ONLY: u8 = 0x01;
 
 /// Why a datagram could not be parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

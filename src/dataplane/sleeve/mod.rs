@@ -29,7 +29,8 @@ use tokio::sync::watch;
 
 use self::crypto::{OpeningKey, SealingKey, TAG_LEN};
 use self::frame::{
-    BodyHeader, FrameError, Header, Kind, ETHERNET_HEADER_LEN, FRAME_COUNT_OFFSET, HEADER_LEN,
+    BodyHeader, FrameError, Header, Kind, ETHERNET_HEADER_LEN, FLAG_RELAY_ONLY, FRAME_COUNT_OFFSET,
+    HEADER_LEN,
 };
 use self::replay::ReplayWindow;
 use super::forwarding::{ForwardingTable, SessionParams};
@@ -271,8 +272,11 @@ impl Sleeve {
             .iter()
             .map(|(p, s)| (s.params.local_index, *p))
             .collect();
-        self.macs
-            .retain(|_, owner| table.unicast.contains_key(owner));
+        // A peer on VXLAN is reached through the bridge's own learning; a MAC we still mapped to
+        // it would send a flooded frame a second time over the sleeve.
+        self.macs.retain(|_, owner| {
+            table.unicast.contains_key(owner) && !table.vxlan.contains_key(owner)
+        });
         self.table = table;
     }
 
@@ -349,11 +353,19 @@ impl Sleeve {
             Dest::Broadcast => {
                 let table = self.table.clone();
                 for child in table.broadcast.get(&table.me).into_iter().flatten() {
-                    self.send_to_neighbour(*child, &batch.body, frames).await;
+                    // The bridge also flooded this frame to the VXLAN port, which delivered it
+                    // to the peers on VXLAN; they still relay it to their subtrees.
+                    let flags = if table.vxlan.contains_key(child) {
+                        FLAG_RELAY_ONLY
+                    } else {
+                        0
+                    };
+                    self.send_to_neighbour(*child, &batch.body, frames, flags)
+                        .await;
                 }
             }
             Dest::Peer(peer) => match self.table.unicast.get(&peer).copied() {
-                Some(hop) => self.send_to_neighbour(hop, &batch.body, frames).await,
+                Some(hop) => self.send_to_neighbour(hop, &batch.body, frames, 0).await,
                 None => {
                     tracing::debug!(%peer, "no route to peer; dropping frames");
                     bump(&self.counters.drop_no_route, frames);
@@ -364,7 +376,7 @@ impl Sleeve {
 
     /// Seals `body` for `hop` and sends it. `frames` is how many frames the body holds.
     // HOT PATH
-    async fn send_to_neighbour(&mut self, hop: PeerName, body: &[u8], frames: u64) {
+    async fn send_to_neighbour(&mut self, hop: PeerName, body: &[u8], frames: u64, flags: u8) {
         let sealed = self.table.sealed;
         let Some(session) = self.sessions.get_mut(&hop) else {
             tracing::debug!(%hop, "no session to next hop; dropping frames");
@@ -381,7 +393,7 @@ impl Sleeve {
         let kind = if sealed { Kind::Sealed } else { Kind::Plain };
         let header = Header {
             kind,
-            flags: 0,
+            flags,
             receiver_index: session.params.remote_index,
             counter,
         };
@@ -454,12 +466,21 @@ impl Sleeve {
                 len
             }
         };
-        self.handle_body(&mut rest[..body_len], peer, from).await;
+        let relay_only = header.flags & FLAG_RELAY_ONLY != 0;
+        self.handle_body(&mut rest[..body_len], peer, from, relay_only)
+            .await;
     }
 
-    /// Delivers and relays an authenticated body that came from neighbour `via`.
+    /// Delivers and relays an authenticated body that came from neighbour `via`. A `relay_only`
+    /// body reached us over VXLAN already: it is relayed, not delivered, and teaches no MACs.
     // HOT PATH
-    async fn handle_body(&mut self, body: &mut [u8], via: PeerName, from: SocketAddr) {
+    async fn handle_body(
+        &mut self,
+        body: &mut [u8],
+        via: PeerName,
+        from: SocketAddr,
+        relay_only: bool,
+    ) {
         let (head, frames) = match BodyHeader::parse(body) {
             Ok(parsed) => parsed,
             Err(e) => return self.drop_bad_frame(e, from),
@@ -471,13 +492,15 @@ impl Sleeve {
         }
         let frame_count = u64::from(head.frame_count);
         bump(&self.counters.rx_frames, frame_count);
-        for frame in frames.clone() {
-            let src_mac: [u8; 6] = frame[6..12]
-                .try_into()
-                .expect("frames hold an ethernet header");
-            self.learn(src_mac, head.src);
+        if !relay_only {
+            for frame in frames.clone() {
+                let src_mac: [u8; 6] = frame[6..12]
+                    .try_into()
+                    .expect("frames hold an ethernet header");
+                self.learn(src_mac, head.src);
+            }
         }
-        if head.dst.is_none() || head.dst == Some(me) {
+        if !relay_only && (head.dst.is_none() || head.dst == Some(me)) {
             for frame in frames {
                 if let Err(e) = self.tap.send(frame).await {
                     tracing::debug!(error = %e, "write frame to tap");
@@ -498,14 +521,14 @@ impl Sleeve {
             None => {
                 for child in table.broadcast.get(&head.src).into_iter().flatten() {
                     if *child != via {
-                        self.send_to_neighbour(*child, body, frame_count).await;
+                        self.send_to_neighbour(*child, body, frame_count, 0).await;
                     }
                 }
             }
             Some(dst) => match table.unicast.get(&dst) {
                 Some(hop) => {
                     bump(&self.counters.relayed_frames, frame_count);
-                    self.send_to_neighbour(*hop, body, frame_count).await;
+                    self.send_to_neighbour(*hop, body, frame_count, 0).await;
                 }
                 None => {
                     tracing::debug!(%dst, "no route to relay to");
