@@ -387,8 +387,10 @@ impl Topology {
             if name == self.me || reachable(name) {
                 changed |= self.unreachable.remove(&name).is_some();
                 digest ^= digest_of(name, peer.version);
-            } else if !self.unreachable.contains_key(&name) {
-                self.unreachable.insert(name, now);
+            } else if let std::collections::btree_map::Entry::Vacant(e) =
+                self.unreachable.entry(name)
+            {
+                e.insert(now);
                 changed = true;
             }
         }
