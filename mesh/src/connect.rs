@@ -223,6 +223,13 @@ impl ConnectionMaker {
             target.attempts.saturating_add(1)
         };
         let attempts = target.attempts;
+        if target.kind == TargetKind::Discovered && attempts >= self.policy.discovered_attempts_max
+        {
+            // It keeps closing on us (e.g. at its limit): leave it to others.
+            self.targets.remove(&addr);
+            self.given_up.insert(addr);
+            return;
+        }
         let delay = self.backoff(attempts);
         if let Some(target) = self.targets.get_mut(&addr) {
             target.last_error = Some(reason);

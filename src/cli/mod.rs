@@ -122,6 +122,14 @@ pub(crate) struct LaunchArgs {
     /// Connect only to peers given here or with `meshctl connect`, not to peers that others announce.
     #[arg(long)]
     pub(crate) no_discovery: bool,
+    /// Most connections to keep: discovered peers are not dialed beyond it, and peers already in
+    /// the mesh are refused beyond it (newcomers and peers you name are always let in).
+    #[arg(long, default_value_t = mesh::CONN_LIMIT_DEFAULT as u16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) conn_limit: u16,
+    /// Also connect to the peers of the previous run (saved in STATE_DIR/targets by launch,
+    /// connect and forget).
+    #[arg(long)]
+    pub(crate) resume: bool,
 }
 
 /// Where to find (or put) the router's files, from the global flags.

@@ -133,7 +133,14 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("write pid file {}", pid_path.display()))?;
 
-    let targets = resolve_peers(&args.peers).await?;
+    let mut targets = resolve_peers(&args.peers).await?;
+    if args.resume {
+        for addr in control::load_targets(&paths.state_dir)? {
+            if !targets.contains(&addr) {
+                targets.push(addr);
+            }
+        }
+    }
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -147,6 +154,8 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         nickname,
         password: args.password.clone(),
         discovery: !args.no_discovery,
+        conn_limit: usize::from(args.conn_limit),
+        state_dir: paths.state_dir.clone(),
         port: args.port,
         bridge: args.bridge.clone(),
         mtu: args.mtu,
