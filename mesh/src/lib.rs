@@ -9,6 +9,8 @@
 //! - [`gossip`]: the [`gossip::Channel`] trait, random fan-out, periodic timer.
 //! - [`wire`]: message framing, `[PROTOCOL_VERSION][postcard(Message)]`.
 //! - [`connect`]: whom to dial and when (targets, backoff, discovery).
+//! - [`ipam`]: address allocation: rings of ranges owned by peers, bootstrap votes,
+//!   allocation, donations and quorum-agreed reclaims.
 //! - [`router`]: composes the above; the only `handle_*` / `poll_*` surface.
 //!
 //! This crate does no IO: no sockets, no clock, no unseeded randomness. The daemon owns one
@@ -32,11 +34,13 @@
 //! | sleeve | userspace UDP overlay (in the daemon) |
 //! | vxlan | kernel overlay (Weave called it "fastdp") |
 //! | overlay | the per-peer choice between the two |
+//! | range / space / ring | IPAM: addresses a peer owns / all it owns / who owns what |
 #![warn(missing_docs)]
 #![warn(unreachable_pub)]
 
 pub mod connect;
 pub mod gossip;
+pub mod ipam;
 pub mod peer;
 pub mod router;
 pub mod routes;

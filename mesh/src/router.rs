@@ -32,6 +32,7 @@ use rand::SeedableRng;
 
 use crate::connect::{ConnectionMaker, Policy, TargetStatus};
 use crate::gossip::{self, Channel, Periodic};
+use crate::ipam::{AllocError, Ipam, IpamConfig, IpamEvent, Persisted, RestoreError};
 use crate::peer::{ConnId, PeerName};
 use crate::routes::Routes;
 use crate::topology::{ConnectionInfo, Topology, TopologyUpdate};
@@ -56,6 +57,8 @@ pub struct RouterConfig {
     pub reconnect_delay_max: Duration,
     /// Consecutive failures after which we stop dialing a discovered address.
     pub discovered_attempts_max: u32,
+    /// IPAM: universe, bootstrap mode, grace and reclaim times.
+    pub ipam: IpamConfig,
 }
 
 impl Default for RouterConfig {
@@ -69,6 +72,7 @@ impl Default for RouterConfig {
             reconnect_delay_min: Duration::from_secs(1),
             reconnect_delay_max: Duration::from_secs(60),
             discovered_attempts_max: 10,
+            ipam: IpamConfig::default(),
         }
     }
 }
@@ -139,6 +143,7 @@ pub struct Router {
     periodic: Periodic,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    ipam: Ipam,
 }
 
 impl Router {
@@ -154,6 +159,7 @@ impl Router {
             discovered_attempts_max: config.discovered_attempts_max,
         };
         Router {
+            ipam: Ipam::new(config.ipam.clone(), name, seed ^ 0x1fa3_5eed, now),
             periodic: Periodic::new(now, config.gossip_interval),
             maker: ConnectionMaker::new(policy, seed ^ 0x9e37_79b9_7f4a_7c15),
             rng: SmallRng::seed_from_u64(seed),
@@ -229,6 +235,7 @@ impl Router {
         );
         let delta = self.update_own_entry();
         self.send(conn, Message::Gossip(self.topology.full_state()));
+        self.send(conn, Message::Ipam(Box::new(self.ipam.full_state())));
         if let Some(delta) = delta {
             self.send_to_all_except(Some(conn), &delta);
         }
@@ -298,6 +305,10 @@ impl Router {
                     self.send_to_all_except(except, &delta);
                 }
             }
+            Message::Ipam(update) => {
+                self.ipam.merge(now, *update);
+                self.flush_ipam();
+            }
         }
         Ok(())
     }
@@ -309,8 +320,15 @@ impl Router {
             let chosen = gossip::fan_out(&mut self.rng, &conns, gossip::FANOUT);
             for conn in chosen {
                 self.send(conn, Message::Gossip(self.topology.full_state()));
+                if self.ipam.in_use() {
+                    self.send(conn, Message::Ipam(Box::new(self.ipam.full_state())));
+                }
             }
         }
+        if now >= self.ipam.poll_timeout() {
+            self.ipam.handle_timeout(now);
+        }
+        self.flush_ipam();
         self.dial_due(now);
     }
 
@@ -328,7 +346,8 @@ impl Router {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let dial = self.maker.next_timeout(&self.covered_addrs());
         let gossip = self.periodic.deadline();
-        Some(dial.map_or(gossip, |d| d.min(gossip)))
+        let next = gossip.min(self.ipam.poll_timeout());
+        Some(dial.map_or(next, |d| d.min(next)))
     }
 
     /// Our view of the mesh.
@@ -358,6 +377,82 @@ impl Router {
                 outbound: c.outbound,
             })
             .collect()
+    }
+
+    /// Our IPAM state (status, allocations, rings).
+    pub fn ipam(&self) -> &Ipam {
+        &self.ipam
+    }
+
+    /// Restores IPAM state persisted before a restart.
+    pub fn ipam_restore(&mut self, now: Instant, p: Persisted) -> Result<(), RestoreError> {
+        self.ipam.restore(now, p)?;
+        self.flush_ipam();
+        Ok(())
+    }
+
+    /// Allocates an address for container `id` (see [`Ipam::allocate`]). On
+    /// [`AllocError::Waiting`] retry after the next input.
+    pub fn ipam_allocate(
+        &mut self,
+        now: Instant,
+        id: &str,
+        subnet: Option<crate::ipam::Cidr>,
+    ) -> Result<(std::net::Ipv4Addr, u8), AllocError> {
+        let r = self.ipam.allocate(now, id, subnet);
+        self.flush_ipam();
+        r
+    }
+
+    /// Releases container `id`'s addresses after the grace period; returns how many.
+    pub fn ipam_release(&mut self, now: Instant, id: &str) -> usize {
+        let n = self.ipam.release(now, id);
+        self.flush_ipam();
+        n
+    }
+
+    /// Hands all our space to the reachable peer with the smallest name (`meshctl reset`).
+    /// Returns that peer, or `None` if no peer is reachable or we own nothing.
+    pub fn ipam_hand_over(&mut self) -> Option<PeerName> {
+        let to = self
+            .routes
+            .unicast
+            .keys()
+            .copied()
+            .find(|p| *p != self.name)?;
+        let moved = self.ipam.hand_over(to);
+        self.flush_ipam();
+        (moved > 0).then_some(to)
+    }
+
+    /// Asks for a quorum-agreed reclaim of `peer` now (`meshctl rmpeer`).
+    pub fn ipam_remove_peer(&mut self, now: Instant, peer: PeerName) -> Result<(), String> {
+        let r = self.ipam.remove_peer(now, peer);
+        self.flush_ipam();
+        r
+    }
+
+    /// True once after IPAM state changed: persist it before sending the queued transmits.
+    pub fn ipam_take_dirty(&mut self) -> bool {
+        self.ipam.take_dirty()
+    }
+
+    /// The next IPAM event (for logs), if any.
+    pub fn poll_ipam_event(&mut self) -> Option<IpamEvent> {
+        self.ipam.poll_event()
+    }
+
+    /// Sends our full IPAM state to every neighbour if it changed.
+    fn flush_ipam(&mut self) {
+        if self.ipam.take_changed() {
+            let bytes = wire::encode(&Message::Ipam(Box::new(self.ipam.full_state())));
+            for &conn in self.conns.keys() {
+                self.transmits.push_back(Transmit {
+                    conn,
+                    bytes: bytes.clone(),
+                });
+            }
+        }
     }
 
     fn close(&mut self, conn: ConnId, reason: String) {
@@ -402,6 +497,9 @@ impl Router {
     fn after_topology_change(&mut self, now: Instant) -> Vec<PeerName> {
         let removed = self.topology.gc(self.name);
         self.routes = Routes::compute(&self.topology, self.name);
+        let reachable = self.routes.unicast.keys().copied().collect();
+        self.ipam.set_reachable(now, reachable);
+        self.flush_ipam();
         if !self.events.contains(&Event::RoutesChanged) {
             self.events.push_back(Event::RoutesChanged);
         }

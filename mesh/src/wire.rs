@@ -21,6 +21,8 @@ pub enum Message {
     /// Topology entries: a delta of what changed, or our full state (to a new neighbour and
     /// periodically). Both merge the same way, so the receiver need not know which it got.
     Gossip(TopologyUpdate),
+    /// IPAM state (always the full state; it merges like a CRDT, see `ipam`).
+    Ipam(Box<crate::ipam::IpamUpdate>),
 }
 
 /// Why bytes from a control connection are not a message.
