@@ -9,6 +9,8 @@ mod cli;
 mod daemon;
 mod dataplane;
 mod kernel;
+mod metrics;
+mod plugin;
 mod transport;
 
 fn main() -> std::process::ExitCode {

@@ -49,7 +49,7 @@ pub mod wire;
 
 pub use connect::{TargetKind, TargetState, TargetStatus};
 pub use peer::{ConnId, Identity, IdentityError, PeerName, PeerNameError};
-pub use router::{ConnectionStatus, Event, Router, RouterConfig, Transmit};
+pub use router::{ConnectionStatus, Event, Router, RouterConfig, Transmit, CONN_LIMIT_DEFAULT};
 pub use routes::Routes;
 pub use topology::{ConnectionInfo, Peer, Topology, TopologyUpdate, Version};
 pub use wire::{decode, encode, DecodeError, Message, PROTOCOL_VERSION};

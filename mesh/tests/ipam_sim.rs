@@ -235,7 +235,7 @@ impl Sim {
                 at: self.now + delay,
                 to,
                 conn,
-                bytes: t.bytes,
+                bytes: t.encode(),
             });
         }
     }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// Default state directory when `--state-dir` is not given.
 pub(crate) const STATE_DIR_DEFAULT: &str = "/var/lib/meshctl";
@@ -83,6 +83,13 @@ pub(crate) enum Command {
         #[arg(long, default_value = "eth0")]
         ifname: String,
     },
+    /// Print a shell completion script (e.g. `meshctl completions bash > /etc/bash_completion.d/meshctl`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page in roff (e.g. `meshctl man > /usr/share/man/man1/meshctl.1`).
+    Man,
     /// Remove a container's mesh interface added by `meshctl attach`.
     Detach {
         /// The same NETNS|PID given to attach.
@@ -122,6 +129,12 @@ pub(crate) struct LaunchArgs {
     /// Connect only to peers given here or with `meshctl connect`, not to peers that others announce.
     #[arg(long)]
     pub(crate) no_discovery: bool,
+    /// Where to serve Prometheus metrics (`GET /metrics`).
+    #[arg(long, default_value = "127.0.0.1:6782", value_name = "ADDR:PORT")]
+    pub(crate) metrics_addr: std::net::SocketAddr,
+    /// Serve no metrics.
+    #[arg(long)]
+    pub(crate) no_metrics: bool,
 }
 
 /// Where to find (or put) the router's files, from the global flags.
@@ -153,6 +166,22 @@ pub(crate) fn main() -> ExitCode {
     let result = match cli.command {
         Command::Launch(args) if args.foreground => crate::daemon::run_foreground(args, paths),
         Command::Launch(args) => launch::run_background(&args, &paths),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "meshctl",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::BrokenPipe => Ok(()),
+                _ => Err(anyhow::anyhow!("write the manual page: {e}")),
+            })
+            .map(|_| ExitCode::SUCCESS),
         command => runtime().and_then(|rt| rt.block_on(dispatch(command, &paths))),
     };
     match result {
@@ -172,7 +201,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn dispatch(command: Command, paths: &Paths) -> Result<ExitCode> {
     match command {
-        Command::Launch(_) => unreachable!("launch is handled before the runtime starts"),
+        Command::Launch(_) | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::Connect { peers } => peers::connect(paths, peers).await,
         Command::Forget { peers } => peers::forget(paths, peers).await,
         Command::Stop => peers::stop(paths).await,
@@ -210,11 +241,31 @@ pub(crate) fn split_host_port(spec: &str) -> Result<(String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn man_page_and_completions_are_generated_from_the_definition() {
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(
+            man.contains(".TH meshctl") && man.contains("launch"),
+            "{man}"
+        );
+        let mut bash = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "meshctl",
+            &mut bash,
+        );
+        assert!(String::from_utf8(bash).unwrap().contains("attach"));
     }
 
     #[test]

@@ -345,7 +345,7 @@ impl Control {
             while let Some(t) = self.router.poll_transmit() {
                 progress = true;
                 if let Some(c) = self.conns.get(&t.conn) {
-                    let _ = c.tx.send(t.bytes);
+                    let _ = c.tx.send(t.encode());
                 }
             }
             while let Some(event) = self.router.poll_event() {
@@ -389,7 +389,7 @@ impl Control {
             me: self.local.name,
             sealed: self.local.password.is_some(),
             unicast: routes.unicast.clone(),
-            broadcast: routes.broadcast.clone(),
+            broadcast: self.router.broadcast_all(),
             sessions,
         };
         self.settings.table.send_replace(Arc::new(table));

@@ -22,6 +22,7 @@ use crate::cli::{LaunchArgs, Paths};
 use crate::dataplane::forwarding::ForwardingTable;
 use crate::dataplane::sleeve::{self, Counters};
 use crate::dataplane::tap;
+use crate::kernel::firewall::BridgeRules;
 use crate::kernel::netlink::Netlink;
 
 /// Longest bridge name we accept, so that the TAP's name (`BRIDGE-tap`) fits Linux's 15 characters.
@@ -86,6 +87,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     std::fs::create_dir_all(&paths.state_dir)
         .with_context(|| format!("create state directory {}", paths.state_dir.display()))?;
     let identity = load_or_create_identity(&paths.state_dir)?;
+    let targets = resolve_peers(&args.peers).await?;
     let nickname = args.nickname.clone().unwrap_or_else(hostname);
     let sealed = args.password.is_some();
 
@@ -120,6 +122,20 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     let socket_path = paths.socket.clone();
     let listener = bind_api_socket(&socket_path)?;
     let (calls_tx, calls_rx) = mpsc::channel(64);
+    let metrics = if args.no_metrics {
+        None
+    } else {
+        match tokio::net::TcpListener::bind(args.metrics_addr).await {
+            Ok(l) => Some(tokio::spawn(crate::metrics::serve(l, calls_tx.clone()))),
+            Err(e) => {
+                tracing::warn!(
+                    "serving no metrics: cannot listen on {} ({e}); choose another --metrics-addr or --no-metrics",
+                    args.metrics_addr
+                );
+                None
+            }
+        }
+    };
     let api = tokio::spawn(crate::api::server::serve(
         listener,
         crate::api::server::ApiState {
@@ -133,7 +149,6 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("write pid file {}", pid_path.display()))?;
 
-    let targets = resolve_peers(&args.peers).await?;
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -155,11 +170,20 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         table: table_tx,
         counters,
     });
+    // Last fallible step done: from here on, cleanup below removes what we add.
+    let bridge_for_rules = args.bridge.clone();
+    let mut firewall = tokio::task::spawn_blocking(move || BridgeRules::install(&bridge_for_rules))
+        .await
+        .context("install firewall rules")?;
     let outcome = control.run(targets, calls_rx).await;
 
     api.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     dataplane.abort();
     let mut problems = Vec::new();
+    problems.extend(firewall.remove());
     if let Err(e) = netlink.delete_link(&tap_name).await {
         problems.push(format!("remove TAP {tap_name}: {e:#}"));
     }
