@@ -14,6 +14,9 @@ use redb::{Database, TableDefinition};
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("ipam");
 const KEY: &str = "state";
 
+/// How long to wait for another (exiting) process to let go of the store.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The file name inside the state directory.
 pub(crate) const FILE: &str = "ipam.redb";
 
@@ -26,10 +29,24 @@ impl Store {
     /// Opens (or creates) the database and returns what it holds.
     pub(super) fn open(dir: &Path) -> Result<(Store, Option<Persisted>)> {
         let path = dir.join(FILE);
-        let db = Database::create(&path).with_context(|| {
+        // A router killed a moment ago may still hold the file lock while its last threads
+        // exit: retry for a bounded time.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match Database::create(&path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other,
+            }
+        };
+        let db = db.with_context(|| {
             format!(
-                "open the IPAM store {}; if it is damaged, move it away (the router then starts \
-                 with no address space)",
+                "open the IPAM store {}; if another router uses this state directory, stop it; \
+                 if the file is damaged, move it away (the router then starts with no address \
+                 space)",
                 path.display()
             )
         })?;
