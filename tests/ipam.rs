@@ -225,3 +225,26 @@ fn isolated_subnet_reaches_across_hosts_but_not_the_default_subnet() {
     assert!(!lab::ping(&ca.netns, ip_cd), "{ip_ca} reaches {ip_cd}");
     assert!(!lab::ping(&cd.netns, ip_cb), "{ip_cd} reaches {ip_cb}");
 }
+
+#[test]
+fn blocked_attach_says_what_it_waits_for() {
+    if lab::skip_unless_root("blocked_attach_says_what_it_waits_for") {
+        return;
+    }
+    let lab = Lab::new();
+    let a = lab.host("a");
+    a.launch(&["--ipalloc-init", "consensus=2"]);
+    let c = lab.container(&a);
+    let (ok, text) = attach(&a, &c, &["--wait", "1"]);
+    assert!(!ok, "attach succeeded without a quorum: {text}");
+    assert!(text.contains("after waiting 1s"), "{text}");
+    let j = ipam_json(&a);
+    assert_eq!(j["state"], "waiting", "{j}");
+    let waiting = j["waiting"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        !waiting.is_empty() && text.contains(&waiting),
+        "{text}\n{j}"
+    );
+    let (status, out, _) = a.meshctl(&["ipam"]);
+    assert!(status.success() && out.contains("waiting:"), "{out}");
+}
