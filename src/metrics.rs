@@ -201,6 +201,7 @@ mod tests {
             port: 6783,
             bridge: "mesh".into(),
             mtu: 1376,
+            ipam: None,
             peers: vec![PeerStatus {
                 name: "11:22:33:44:55:66".into(),
                 nickname: "b".into(),

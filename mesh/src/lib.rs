@@ -10,6 +10,8 @@
 //! - [`wire`]: message framing, `[PROTOCOL_VERSION][postcard(Message)]`.
 //! - [`connect`]: whom to dial and when (targets, backoff, discovery).
 //! - [`dns`]: container name records gossiped with tombstones (not yet carried by the router).
+//! - [`ipam`]: address allocation: rings of ranges owned by peers, bootstrap votes,
+//!   allocation, donations and quorum-agreed reclaims.
 //! - [`router`]: composes the above; the only `handle_*` / `poll_*` surface.
 //!
 //! This crate does no IO: no sockets, no clock, no unseeded randomness. The daemon owns one
@@ -33,12 +35,14 @@
 //! | sleeve | userspace UDP overlay (in the daemon) |
 //! | vxlan | kernel overlay (Weave called it "fastdp") |
 //! | overlay | the per-peer choice between the two |
+//! | range / space / ring | IPAM: addresses a peer owns / all it owns / who owns what |
 #![warn(missing_docs)]
 #![warn(unreachable_pub)]
 
 pub mod connect;
 pub mod dns;
 pub mod gossip;
+pub mod ipam;
 pub mod peer;
 pub mod router;
 pub mod routes;

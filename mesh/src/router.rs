@@ -43,6 +43,7 @@ use rand::SeedableRng;
 
 use crate::connect::{ConnectionMaker, Policy, TargetStatus};
 use crate::gossip::{self, Channel, Periodic};
+use crate::ipam::{AllocError, Ipam, IpamConfig, IpamEvent, Persisted, RestoreError};
 use crate::peer::{ConnId, PeerName};
 use crate::routes::{self, Routes};
 use crate::topology::{ConnectionInfo, NameMap, Topology, TopologyUpdate, Version};
@@ -67,6 +68,8 @@ pub struct RouterConfig {
     pub reconnect_delay_max: Duration,
     /// Consecutive failures after which we stop dialing a discovered address.
     pub discovered_attempts_max: u32,
+    /// IPAM: universe, bootstrap mode, grace and reclaim times.
+    pub ipam: IpamConfig,
     /// How long an unreachable peer stays in the topology (shown as unreachable) before it is
     /// collected.
     pub gc_grace: Duration,
@@ -96,6 +99,7 @@ impl Default for RouterConfig {
             reconnect_delay_min: Duration::from_secs(1),
             reconnect_delay_max: Duration::from_secs(60),
             discovered_attempts_max: 10,
+            ipam: IpamConfig::default(),
             gc_grace: Duration::from_secs(30),
             route_delay: Duration::ZERO,
         }
@@ -178,6 +182,7 @@ pub struct Router {
     periodic: Periodic,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    ipam: Ipam,
     /// When the delayed route computation is due, if a change is pending.
     dirty: Option<Instant>,
     /// Target addresses that others announce for peers we are connected to (refreshed with
@@ -202,6 +207,7 @@ impl Router {
             discovered_attempts_max: config.discovered_attempts_max,
         };
         Router {
+            ipam: Ipam::new(config.ipam.clone(), name, seed ^ 0x1fa3_5eed, now),
             periodic: Periodic::new(now, config.gossip_interval),
             maker: ConnectionMaker::new(policy, seed ^ 0x9e37_79b9_7f4a_7c15),
             rng: SmallRng::seed_from_u64(seed),
@@ -290,6 +296,7 @@ impl Router {
         );
         let delta = self.update_own_entry();
         self.send(conn, Message::Gossip(self.topology.full_state()));
+        self.send(conn, Message::Ipam(Box::new(self.ipam.full_state())));
         if let Some(delta) = delta {
             self.send_to_all_except(Some(conn), &delta);
         }
@@ -386,6 +393,10 @@ impl Router {
                     }
                 }
             }
+            Message::Ipam(update) => {
+                self.ipam.merge(now, *update);
+                self.flush_ipam();
+            }
         }
     }
 
@@ -418,8 +429,15 @@ impl Router {
                     conn,
                     message: message.clone(),
                 });
+                if self.ipam.in_use() {
+                    self.send(conn, Message::Ipam(Box::new(self.ipam.full_state())));
+                }
             }
         }
+        if now >= self.ipam.poll_timeout() {
+            self.ipam.handle_timeout(now);
+        }
+        self.flush_ipam();
         self.dial_due(now);
     }
 
@@ -439,7 +457,8 @@ impl Router {
         let expiry = self.topology.next_expiry(self.config.gc_grace);
         let gossip = self.periodic.deadline();
         let earliest = [dial, expiry, self.dirty].into_iter().flatten().min();
-        Some(earliest.map_or(gossip, |e| e.min(gossip)))
+        let next = gossip.min(self.ipam.poll_timeout());
+        Some(earliest.map_or(next, |e| e.min(next)))
     }
 
     /// Our view of the mesh.
@@ -494,6 +513,82 @@ impl Router {
                 outbound: c.outbound,
             })
             .collect()
+    }
+
+    /// Our IPAM state (status, allocations, rings).
+    pub fn ipam(&self) -> &Ipam {
+        &self.ipam
+    }
+
+    /// Restores IPAM state persisted before a restart.
+    pub fn ipam_restore(&mut self, now: Instant, p: Persisted) -> Result<(), RestoreError> {
+        self.ipam.restore(now, p)?;
+        self.flush_ipam();
+        Ok(())
+    }
+
+    /// Allocates an address for container `id` (see [`Ipam::allocate`]). On
+    /// [`AllocError::Waiting`] retry after the next input.
+    pub fn ipam_allocate(
+        &mut self,
+        now: Instant,
+        id: &str,
+        subnet: Option<crate::ipam::Cidr>,
+    ) -> Result<(std::net::Ipv4Addr, u8), AllocError> {
+        let r = self.ipam.allocate(now, id, subnet);
+        self.flush_ipam();
+        r
+    }
+
+    /// Releases container `id`'s addresses after the grace period; returns how many.
+    pub fn ipam_release(&mut self, now: Instant, id: &str) -> usize {
+        let n = self.ipam.release(now, id);
+        self.flush_ipam();
+        n
+    }
+
+    /// Hands all our space to the reachable peer with the smallest name (`meshctl reset`).
+    /// Returns that peer, or `None` if no peer is reachable or we own nothing.
+    pub fn ipam_hand_over(&mut self) -> Option<PeerName> {
+        let to = self
+            .routes
+            .unicast
+            .keys()
+            .copied()
+            .find(|p| *p != self.name)?;
+        let moved = self.ipam.hand_over(to);
+        self.flush_ipam();
+        (moved > 0).then_some(to)
+    }
+
+    /// Asks for a quorum-agreed reclaim of `peer` now (`meshctl rmpeer`).
+    pub fn ipam_remove_peer(&mut self, now: Instant, peer: PeerName) -> Result<(), String> {
+        let r = self.ipam.remove_peer(now, peer);
+        self.flush_ipam();
+        r
+    }
+
+    /// True once after IPAM state changed: persist it before sending the queued transmits.
+    pub fn ipam_take_dirty(&mut self) -> bool {
+        self.ipam.take_dirty()
+    }
+
+    /// The next IPAM event (for logs), if any.
+    pub fn poll_ipam_event(&mut self) -> Option<IpamEvent> {
+        self.ipam.poll_event()
+    }
+
+    /// Sends our full IPAM state to every neighbour if it changed.
+    fn flush_ipam(&mut self) {
+        if self.ipam.take_changed() {
+            let message = Arc::new(Message::Ipam(Box::new(self.ipam.full_state())));
+            for &conn in self.conns.keys() {
+                self.transmits.push_back(Transmit {
+                    conn,
+                    message: message.clone(),
+                });
+            }
+        }
     }
 
     fn close(&mut self, conn: ConnId, reason: String) {
@@ -563,6 +658,9 @@ impl Router {
         self.broadcast_cache.clear();
         let (routes, me) = (&self.routes, self.name);
         self.topology.mark_reachable(now, |p| routes.reaches(me, p));
+        let reachable = self.routes.unicast.keys().copied().collect();
+        self.ipam.set_reachable(now, reachable);
+        self.flush_ipam();
         self.queue_routes_changed();
         self.refresh_covered();
         let candidates = self.discovery_candidates();

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::types::{
     AttachRequest, AttachResponse, DetachRequest, ErrorBody, ExposeRequest, ExposeResponse,
-    PeersRequest, Status,
+    IpamStatus, PeersRequest, RmPeerRequest, Status,
 };
 use crate::kernel::attach::{self, AttachSpec};
 use crate::kernel::firewall::masquerade;
@@ -29,7 +29,23 @@ pub(crate) enum Call {
     Connect(Vec<SocketAddr>, oneshot::Sender<()>),
     Forget(Vec<SocketAddr>, oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
+    /// Allocate an address for a container; answered once allocated, refused, or `wait` passed.
+    Allocate {
+        key: String,
+        subnet: Option<mesh::ipam::Cidr>,
+        wait: std::time::Duration,
+        reply: oneshot::Sender<Result<(std::net::Ipv4Addr, u8), String>>,
+    },
+    /// Release a container's addresses (kept for it during the grace period).
+    Release(String, oneshot::Sender<usize>),
+    Ipam(oneshot::Sender<IpamStatus>),
+    /// Hand our address space to a live peer, then stop and remove the IPAM state.
+    Reset(oneshot::Sender<String>),
+    RmPeer(String, oneshot::Sender<Result<String, String>>),
 }
+
+/// How long attach waits for an address by default.
+pub(crate) const ALLOC_WAIT_DEFAULT: u64 = 30;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -54,6 +70,9 @@ pub(crate) async fn serve(
         .route("/detach", post(detach_container))
         .route("/expose", post(expose))
         .route("/hide", post(hide))
+        .route("/ipam", get(ipam))
+        .route("/reset", post(reset))
+        .route("/rmpeer", post(rmpeer))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -125,13 +144,6 @@ async fn attach_container(
     State(state): State<ApiState>,
     Json(req): Json<AttachRequest>,
 ) -> Result<Json<AttachResponse>, ApiError> {
-    if req.ips.is_empty() {
-        return Err(bad_request("attach needs at least one --ip CIDR"));
-    }
-    let mut addrs = Vec::new();
-    for ip in &req.ips {
-        addrs.push(parse_cidr(ip).map_err(bad_request)?);
-    }
     let netns = PathBuf::from(&req.netns);
     if !netns.is_absolute() {
         return Err(bad_request(format!(
@@ -139,20 +151,68 @@ async fn attach_container(
             req.netns
         )));
     }
+    let mut addrs = Vec::new();
+    let mut subnets = Vec::new();
+    for ip in &req.ips {
+        if let Some(net) = ip.strip_prefix("net:") {
+            let subnet: mesh::ipam::Cidr = net.parse().map_err(|e| {
+                bad_request(format!(
+                    "bad --ip {ip:?}: {e}; write net:CIDR, e.g. net:10.2.1.0/24"
+                ))
+            })?;
+            subnets.push(Some(subnet));
+        } else {
+            addrs.push(parse_cidr(ip).map_err(bad_request)?);
+        }
+    }
+    if req.ips.is_empty() {
+        subnets.push(None);
+    }
+    let key = container_key(req.container.as_deref(), &netns)?;
+    let wait = std::time::Duration::from_secs(req.wait_secs.unwrap_or(ALLOC_WAIT_DEFAULT));
+    let allocated = !subnets.is_empty();
+    for subnet in subnets {
+        let (addr, prefix) = ask(&state, |reply| Call::Allocate {
+            key: key.clone(),
+            subnet,
+            wait,
+            reply,
+        })
+        .await?
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?;
+        addrs.push((std::net::IpAddr::V4(addr), prefix));
+    }
+    let shown: Vec<String> = addrs.iter().map(|(a, p)| format!("{a}/{p}")).collect();
     let spec = AttachSpec {
         netns,
         ifname: req.ifname.clone(),
         addrs,
         mtu: state.mtu,
     };
-    let attached = attach::attach(&state.netlink, &state.bridge, &spec)
-        .await
-        .map_err(internal)?;
+    let attached = match attach::attach(&state.netlink, &state.bridge, &spec).await {
+        Ok(a) => a,
+        Err(e) if allocated && format!("{e:#}").contains("already exists") => {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "{e:#}; the container is attached already, with mesh address {}; detach it \
+                     first to attach again",
+                    shown.join(" ")
+                ),
+            ));
+        }
+        Err(e) => {
+            if allocated {
+                let _ = ask(&state, |tx| Call::Release(key.clone(), tx)).await;
+            }
+            return Err(internal(e));
+        }
+    };
     Ok(Json(AttachResponse {
         host_ifname: attached.host_ifname,
         ifname: attached.ifname,
         mac: format_mac(&attached.mac),
-        ips: req.ips,
+        ips: shown,
     }))
 }
 
@@ -160,9 +220,14 @@ async fn detach_container(
     State(state): State<ApiState>,
     Json(req): Json<DetachRequest>,
 ) -> Result<Json<()>, ApiError> {
-    attach::detach(&state.netlink, &PathBuf::from(&req.netns), &req.ifname)
-        .await
-        .map_err(internal)?;
+    let netns = PathBuf::from(&req.netns);
+    // Release even when the netns is gone already (the container exited).
+    let key = container_key(req.container.as_deref(), &netns).ok();
+    let detached = attach::detach(&state.netlink, &netns, &req.ifname).await;
+    if let Some(key) = key {
+        ask(&state, |tx| Call::Release(key, tx)).await?;
+    }
+    detached.map_err(internal)?;
     Ok(Json(()))
 }
 
@@ -275,6 +340,40 @@ pub(crate) fn network(addr: std::net::IpAddr, prefix: u8) -> String {
             )
         }
     }
+}
+
+/// The IPAM key of a container: its Docker id, else its netns inode (the same for every path
+/// to that namespace, and for the namespace's whole life).
+fn container_key(container: Option<&str>, netns: &std::path::Path) -> Result<String, ApiError> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(id) = container {
+        return Ok(format!("docker:{id}"));
+    }
+    let meta = std::fs::metadata(netns).map_err(|e| {
+        bad_request(format!(
+            "cannot read network namespace {}: {e}; is the container running?",
+            netns.display()
+        ))
+    })?;
+    Ok(format!("netns:{}:{}", meta.dev(), meta.ino()))
+}
+
+async fn ipam(State(state): State<ApiState>) -> Result<Json<IpamStatus>, ApiError> {
+    Ok(Json(ask(&state, Call::Ipam).await?))
+}
+
+async fn reset(State(state): State<ApiState>) -> Result<Json<String>, ApiError> {
+    Ok(Json(ask(&state, Call::Reset).await?))
+}
+
+async fn rmpeer(
+    State(state): State<ApiState>,
+    Json(req): Json<RmPeerRequest>,
+) -> Result<Json<String>, ApiError> {
+    ask(&state, |tx| Call::RmPeer(req.peer.clone(), tx))
+        .await?
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::CONFLICT, e))
 }
 
 /// Parses `ADDR/PREFIX`, naming what is wrong.

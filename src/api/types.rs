@@ -20,6 +20,67 @@ pub(crate) struct Status {
     /// Established connections, connection attempts to targets, and recently refused inbound attempts.
     pub(crate) connections: Vec<ConnectionStatus>,
     pub(crate) sleeve: SleeveStatus,
+    /// Address allocation (`meshctl ipam`).
+    #[serde(default)]
+    pub(crate) ipam: Option<IpamStatus>,
+}
+
+/// `GET /ipam`: who owns which addresses, and what allocation waits for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct IpamStatus {
+    /// `ready`, `waiting` (no agreed ownership yet) or `conflict`.
+    pub(crate) state: String,
+    /// What allocation waits for, and which peers are missing.
+    pub(crate) waiting: Option<String>,
+    pub(crate) conflict: Option<String>,
+    /// `--ipalloc-range`, the default subnet.
+    pub(crate) range: String,
+    /// The peers that agreed the first ownership, once agreed.
+    pub(crate) bootstrap_members: Option<Vec<String>>,
+    pub(crate) subnets: Vec<IpamSubnet>,
+    /// Owners we have no route to (their space cannot be used until they return or are
+    /// reclaimed).
+    pub(crate) unreachable_owners: Vec<String>,
+    /// This router's allocations.
+    pub(crate) allocations: Vec<IpamAllocation>,
+    /// Reclaims of vanished peers, in progress or done.
+    pub(crate) reclaims: Vec<String>,
+}
+
+/// One subnet in [`IpamStatus::subnets`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct IpamSubnet {
+    pub(crate) subnet: String,
+    pub(crate) owners: Vec<IpamOwner>,
+}
+
+/// One owner's share of a subnet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct IpamOwner {
+    pub(crate) peer: String,
+    pub(crate) nickname: Option<String>,
+    pub(crate) owned: u64,
+    pub(crate) used: u64,
+    pub(crate) free: u64,
+    pub(crate) reachable: bool,
+}
+
+/// One allocation of this router.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct IpamAllocation {
+    pub(crate) subnet: String,
+    /// The container key: `docker:ID` or `netns:INODE`.
+    pub(crate) container: String,
+    pub(crate) address: String,
+    /// Released, kept for the container during the grace period.
+    pub(crate) releasing: bool,
+}
+
+/// `POST /rmpeer`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RmPeerRequest {
+    /// Peer name or nickname.
+    pub(crate) peer: String,
 }
 
 /// One peer in [`Status::peers`].
@@ -84,8 +145,15 @@ pub(crate) struct AttachRequest {
     /// Absolute path of the container's network namespace file.
     pub(crate) netns: String,
     pub(crate) ifname: String,
-    /// CIDRs, e.g. `10.32.0.5/12`.
+    /// CIDRs, e.g. `10.32.0.5/12`, or `net:CIDR` to allocate from an isolated subnet; none:
+    /// allocate from the default subnet.
     pub(crate) ips: Vec<String>,
+    /// Docker container id, the allocation key when given (else the netns inode).
+    #[serde(default)]
+    pub(crate) container: Option<String>,
+    /// How long to wait for an address, in seconds.
+    #[serde(default)]
+    pub(crate) wait_secs: Option<u64>,
 }
 
 /// Answer to `POST /attach`.
@@ -102,6 +170,8 @@ pub(crate) struct AttachResponse {
 pub(crate) struct DetachRequest {
     pub(crate) netns: String,
     pub(crate) ifname: String,
+    #[serde(default)]
+    pub(crate) container: Option<String>,
 }
 
 /// Body of every error answer.

@@ -18,15 +18,20 @@ pub(super) async fn attach(
     target: &str,
     ips: Vec<String>,
     ifname: String,
+    wait: u64,
 ) -> Result<ExitCode> {
     for ip in &ips {
-        crate::api::server::parse_cidr(ip).map_err(|e| anyhow::anyhow!(e))?;
+        if !ip.starts_with("net:") {
+            crate::api::server::parse_cidr(ip).map_err(|e| anyhow::anyhow!(e))?;
+        }
     }
-    let (netns, label) = resolve(target).await?;
+    let (netns, label, container) = resolve(target).await?;
     let req = AttachRequest {
         netns: netns.display().to_string(),
         ifname,
         ips,
+        container,
+        wait_secs: Some(wait),
     };
     let r: AttachResponse = call(&paths.socket, Method::POST, "/attach", Some(&req)).await?;
     println!(
@@ -40,10 +45,11 @@ pub(super) async fn attach(
 }
 
 pub(super) async fn detach(paths: &Paths, target: &str, ifname: String) -> Result<ExitCode> {
-    let (netns, label) = resolve(target).await?;
+    let (netns, label, container) = resolve(target).await?;
     let req = DetachRequest {
         netns: netns.display().to_string(),
         ifname,
+        container,
     };
     call::<_, ()>(&paths.socket, Method::POST, "/detach", Some(&req)).await?;
     println!("detached {label}");
@@ -51,15 +57,19 @@ pub(super) async fn detach(paths: &Paths, target: &str, ifname: String) -> Resul
 }
 
 /// A named netns, a PID or a path first; otherwise a Docker container name or id. Returns the netns
-/// path and how to name the container to the user.
-async fn resolve(target: &str) -> Result<(std::path::PathBuf, String)> {
+/// path, how to name the container to the user, and its Docker id (the IPAM key).
+async fn resolve(target: &str) -> Result<(std::path::PathBuf, String, Option<String>)> {
     match netns::resolve(target) {
-        Ok(path) => Ok((path, target.to_string())),
+        Ok(path) => Ok((path, target.to_string(), None)),
         Err(e) if target.starts_with('/') || target.bytes().all(|b| b.is_ascii_digit()) => Err(e),
         Err(_) => {
             let c = crate::plugin::engine::find(target).await?;
             let short: String = c.id.chars().take(12).collect();
-            Ok((c.netns, format!("container {} ({short})", c.name)))
+            Ok((
+                c.netns,
+                format!("container {} ({short})", c.name),
+                Some(c.id),
+            ))
         }
     }
 }

@@ -76,12 +76,33 @@ pub(crate) enum Command {
         /// A named network namespace (as in `ip netns`), a PID whose namespace to use, or a path to a netns file.
         #[arg(value_name = "NETNS|PID")]
         target: String,
-        /// Address with prefix for the container's interface, e.g. 10.32.0.5/12 (repeat for more).
-        #[arg(long = "ip", required = true, value_name = "CIDR")]
+        /// Address with prefix, e.g. 10.32.0.5/12, or `net:CIDR` to allocate one from an
+        /// isolated subnet (repeat for more). Without it, an address is allocated from the
+        /// default subnet (--ipalloc-range).
+        #[arg(long = "ip", value_name = "CIDR|net:CIDR")]
         ips: Vec<String>,
         /// Interface name inside the container.
         #[arg(long, default_value = "eth0")]
         ifname: String,
+        /// How long to wait for an address (seconds) before saying what allocation waits for.
+        #[arg(long, default_value_t = crate::api::server::ALLOC_WAIT_DEFAULT, value_name = "SECS")]
+        wait: u64,
+    },
+    /// Show address allocation: owned, used and free space per peer, unreachable owners,
+    /// and what allocation waits for.
+    Ipam {
+        /// Print one JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hand this router's address space to a live peer, stop the router and remove its IPAM
+    /// state (before removing the host from the mesh).
+    Reset,
+    /// Reclaim the address space of a peer that is gone for good, once a quorum of the peers
+    /// that knew it agrees (it must be unreachable).
+    Rmpeer {
+        /// Peer name or nickname.
+        peer: String,
     },
     /// Give this host an address on the mesh, so it can reach containers (and they it); traffic from
     /// the mesh subnet that leaves through the host is masqueraded.
@@ -163,6 +184,15 @@ pub(crate) struct LaunchArgs {
     /// connect and forget).
     #[arg(long)]
     pub(crate) resume: bool,
+    /// Address range that containers attached without `--ip` get addresses from; it is
+    /// also the default subnet.
+    #[arg(long, default_value = "10.32.0.0/12", value_name = "CIDR")]
+    pub(crate) ipalloc_range: String,
+    /// How a new mesh agrees who owns the range: `consensus=N` (N initial peers vote),
+    /// `seed=PEER,...` (split among these peer names) or `observer` (own nothing at first)
+    /// [default: consensus=(number of PEERs given + 1)].
+    #[arg(long, value_name = "MODE")]
+    pub(crate) ipalloc_init: Option<String>,
 }
 
 /// Where to find (or put) the router's files, from the global flags.
@@ -236,11 +266,15 @@ async fn dispatch(command: Command, paths: &Paths) -> Result<ExitCode> {
         Command::Forget { peers } => peers::forget(paths, peers).await,
         Command::Stop => peers::stop(paths).await,
         Command::Status { json } => status::run(paths, json).await,
+        Command::Ipam { json } => status::ipam(paths, json).await,
+        Command::Reset => peers::reset(paths).await,
+        Command::Rmpeer { peer } => peers::rmpeer(paths, peer).await,
         Command::Attach {
             target,
             ips,
             ifname,
-        } => attach::attach(paths, &target, ips, ifname).await,
+            wait,
+        } => attach::attach(paths, &target, ips, ifname, wait).await,
         Command::Detach { target, ifname } => attach::detach(paths, &target, ifname).await,
         Command::Expose { cidr } => attach::expose(paths, Some(cidr), true).await,
         Command::Hide { cidr } => attach::expose(paths, cidr, false).await,

@@ -49,3 +49,31 @@ pub(super) async fn stop(paths: &Paths) -> Result<ExitCode> {
     println!("router stopped");
     Ok(ExitCode::SUCCESS)
 }
+
+pub(super) async fn reset(paths: &Paths) -> Result<ExitCode> {
+    let said: String = call::<(), _>(&paths.socket, Method::POST, "/reset", None).await?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::UnixStream::connect(&paths.socket)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    println!("{said}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn rmpeer(paths: &Paths, peer: String) -> Result<ExitCode> {
+    let said: String = call(
+        &paths.socket,
+        Method::POST,
+        "/rmpeer",
+        Some(&crate::api::types::RmPeerRequest { peer }),
+    )
+    .await?;
+    println!("{said}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -140,6 +140,74 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// `meshctl ipam`.
+pub(super) async fn ipam(paths: &Paths, json: bool) -> Result<ExitCode> {
+    let s: crate::api::types::IpamStatus =
+        call::<(), _>(&paths.socket, Method::GET, "/ipam", None).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", render_ipam(&s));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render_ipam(s: &crate::api::types::IpamStatus) -> String {
+    let mut out = format!("IPAM: {} (range {})\n", s.state, s.range);
+    if let Some(w) = &s.waiting {
+        out.push_str(&format!("  waiting: {w}\n"));
+    }
+    if let Some(c) = &s.conflict {
+        out.push_str(&format!("  conflict: {c}\n"));
+    }
+    match &s.bootstrap_members {
+        Some(m) => out.push_str(&format!("  bootstrap: agreed among {}\n", m.join(", "))),
+        None => out.push_str("  bootstrap: not agreed yet\n"),
+    }
+    if !s.unreachable_owners.is_empty() {
+        out.push_str(&format!(
+            "  unreachable owners (their space is unusable until they return or `meshctl rmpeer`): {}\n",
+            s.unreachable_owners.join(", ")
+        ));
+    }
+    for sub in &s.subnets {
+        out.push_str(&format!("\nSubnet {}:\n", sub.subnet));
+        out.push_str(&format!(
+            "  {:<20} {:<16} {:>10} {:>10} {:>10}  {}\n",
+            "PEER", "NICKNAME", "OWNED", "USED", "FREE", "REACHABLE"
+        ));
+        for o in &sub.owners {
+            out.push_str(&format!(
+                "  {:<20} {:<16} {:>10} {:>10} {:>10}  {}\n",
+                o.peer,
+                o.nickname.as_deref().unwrap_or("-"),
+                o.owned,
+                o.used,
+                o.free,
+                if o.reachable { "yes" } else { "no" }
+            ));
+        }
+    }
+    out.push_str(&format!("\nAllocations here ({}):\n", s.allocations.len()));
+    for a in &s.allocations {
+        out.push_str(&format!(
+            "  {:<16} {:<20} {}{}\n",
+            a.address,
+            a.subnet,
+            a.container,
+            if a.releasing {
+                " (released, in grace period)"
+            } else {
+                ""
+            }
+        ));
+    }
+    for c in &s.reclaims {
+        out.push_str(&format!("  reclaim: {c}\n"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

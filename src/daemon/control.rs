@@ -24,7 +24,10 @@ use mesh::{ConnId, Event, Identity, PeerName, Router, RouterConfig, TargetState}
 use tokio::sync::{mpsc, watch};
 
 use crate::api::server::Call;
-use crate::api::types::{ConnectionStatus, PeerStatus, SleeveStatus, Status};
+use crate::api::types::{
+    ConnectionStatus, IpamAllocation, IpamOwner, IpamStatus, IpamSubnet, PeerStatus, SleeveStatus,
+    Status,
+};
 use crate::dataplane::forwarding::{ForwardingTable, SessionParams};
 use crate::dataplane::overlay::{self, Choice, PeerFacts, ProbeState, PROBE_INTERVAL};
 use crate::dataplane::sleeve::crypto::derive_keys;
@@ -88,6 +91,9 @@ pub(super) struct Settings {
     pub(super) fastpath: Option<FastPath>,
     /// `--trusted-subnets`: traffic between two addresses inside these needs no encryption.
     pub(super) trusted_subnets: Vec<ipnet::IpNet>,
+    pub(super) ipam: mesh::ipam::IpamConfig,
+    pub(super) ipam_store: Option<super::ipam_store::Store>,
+    pub(super) ipam_restored: Option<mesh::ipam::Persisted>,
 }
 
 /// The fast path's device and the channels to its prober task.
@@ -96,6 +102,20 @@ pub(super) struct FastPath {
     pub(super) probes: mpsc::UnboundedSender<ProbeSend>,
     pub(super) events: mpsc::UnboundedReceiver<ProbeEvent>,
 }
+
+/// An allocation that waits (for the bootstrap, or for space from peers).
+struct PendingAlloc {
+    key: String,
+    subnet: Option<mesh::ipam::Cidr>,
+    deadline: Instant,
+    wait: Duration,
+    reply: tokio::sync::oneshot::Sender<Result<(std::net::Ipv4Addr, u8), String>>,
+}
+
+type AllocReply = (
+    tokio::sync::oneshot::Sender<Result<(std::net::Ipv4Addr, u8), String>>,
+    Result<(std::net::Ipv4Addr, u8), String>,
+);
 
 /// What connection tasks report to the loop.
 enum Input {
@@ -184,6 +204,12 @@ pub(super) struct Control {
     inputs_tx: mpsc::UnboundedSender<Input>,
     inputs_rx: mpsc::UnboundedReceiver<Input>,
     table_dirty: bool,
+    ipam_store: Option<super::ipam_store::Store>,
+    pending: Vec<PendingAlloc>,
+    /// Allocation answers, sent only after the state that holds them is saved.
+    replies: Vec<AllocReply>,
+    /// `meshctl reset`: remove the IPAM state once stopped.
+    reset: bool,
     /// Probe history per fast-path candidate.
     probes: HashMap<PeerName, ProbeState>,
     /// The overlay chosen for every known peer at the last evaluation.
@@ -192,7 +218,7 @@ pub(super) struct Control {
 }
 
 impl Control {
-    pub(super) fn new(mut settings: Settings) -> Control {
+    pub(super) fn new(mut settings: Settings) -> Result<Control> {
         let now = Instant::now();
         let name = settings.identity.name();
         let config = RouterConfig {
@@ -200,9 +226,18 @@ impl Control {
             incarnation: settings.incarnation,
             discovery: settings.discovery,
             conn_limit: settings.conn_limit,
+            ipam: settings.ipam.clone(),
             ..RouterConfig::default()
         };
-        let router = Router::new(config, name, random_u64(), now);
+        let mut router = Router::new(config, name, random_u64(), now);
+        if let Some(p) = settings.ipam_restored.take() {
+            let owned = p.allocator.all().count();
+            router
+                .ipam_restore(now, p)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(allocations = owned, "restored IPAM state");
+        }
+        let ipam_store = settings.ipam_store.take();
         let local = Arc::new(Local {
             name,
             nickname: settings.nickname.clone(),
@@ -220,7 +255,11 @@ impl Control {
             let (_, closed) = mpsc::unbounded_channel();
             std::mem::replace(&mut f.events, closed)
         });
-        Control {
+        Ok(Control {
+            ipam_store,
+            pending: Vec::new(),
+            replies: Vec::new(),
+            reset: false,
             router,
             local,
             settings,
@@ -234,7 +273,7 @@ impl Control {
             probes: HashMap::new(),
             choices: BTreeMap::new(),
             probe_events,
-        }
+        })
     }
 
     /// Runs until `meshctl stop`, SIGTERM or SIGINT.
@@ -258,9 +297,11 @@ impl Control {
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe_events = self.probe_events.take();
         loop {
-            let deadline = self
-                .router
-                .poll_timeout()
+            let pending = self.pending.iter().map(|p| p.deadline).min();
+            let deadline = [self.router.poll_timeout(), pending]
+                .into_iter()
+                .flatten()
+                .min()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -269,6 +310,11 @@ impl Control {
                     Some(Call::Stop(reply)) => {
                         let _ = reply.send(());
                         tracing::info!("stopping: asked through the API");
+                        break;
+                    }
+                    Some(Call::Reset(reply)) => {
+                        let answer = self.reset();
+                        let _ = reply.send(answer);
                         break;
                     }
                     Some(call) => self.handle_call(call),
@@ -291,6 +337,15 @@ impl Control {
             .close(0u32.into(), b"router stopping");
         let _ =
             tokio::time::timeout(Duration::from_secs(1), self.settings.endpoint.wait_idle()).await;
+        if self.reset {
+            drop(self.ipam_store.take());
+            let path = self.settings.state_dir.join(super::ipam_store::FILE);
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!("reset: removed {}", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("reset: remove {}: {e}", path.display()),
+            }
+        }
         Ok(())
     }
 
@@ -424,13 +479,190 @@ impl Control {
             Call::Stop(reply) => {
                 let _ = reply.send(());
             }
+            Call::Reset(reply) => {
+                let _ = reply.send(self.reset());
+            }
+            Call::Allocate {
+                key,
+                subnet,
+                wait,
+                reply,
+            } => self.pending.push(PendingAlloc {
+                key,
+                subnet,
+                deadline: now + wait,
+                wait,
+                reply,
+            }),
+            Call::Release(key, reply) => {
+                self.pending.retain(|p| p.key != key);
+                let n = self.router.ipam_release(now, &key);
+                tracing::info!(container = %key, released = n, "released addresses");
+                let _ = reply.send(n);
+            }
+            Call::Ipam(reply) => {
+                let _ = reply.send(self.ipam_status());
+            }
+            Call::RmPeer(name, reply) => {
+                let answer = self.rmpeer(now, &name);
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Hands our address space to a live peer (it must reach it before we stop).
+    fn reset(&mut self) -> String {
+        self.reset = true;
+        let answer = match self.router.ipam_hand_over() {
+            Some(to) => {
+                let nick = self.nickname_of(to);
+                tracing::info!(peer = %to, "reset: handed our address space over");
+                format!("handed this router's address space to {to}{nick}; router stopped and its IPAM state removed")
+            }
+            None => "no live peer to hand address space to (this router owned none, or is alone); router stopped and its IPAM state removed".to_string(),
+        };
+        self.drain();
+        answer
+    }
+
+    fn nickname_of(&self, peer: PeerName) -> String {
+        self.router
+            .topology()
+            .peers()
+            .find(|p| p.name == peer)
+            .map(|p| format!(" ({})", p.nickname))
+            .unwrap_or_default()
+    }
+
+    fn rmpeer(&mut self, now: Instant, name: &str) -> Result<String, String> {
+        let peer = self
+            .router
+            .topology()
+            .peers()
+            .find(|p| p.name.to_string() == name || p.nickname == name)
+            .map(|p| p.name)
+            .or_else(|| name.parse::<PeerName>().ok())
+            .ok_or_else(|| {
+                format!("no peer named {name:?}; give a name or nickname from `meshctl ipam`")
+            })?;
+        self.router.ipam_remove_peer(now, peer)?;
+        Ok(format!(
+            "reclaim of {peer}{} started: its space moves once a quorum of the peers that knew it agrees (see `meshctl ipam`)",
+            self.nickname_of(peer)
+        ))
+    }
+
+    /// Retries waiting allocations; answers those done, refused or out of time.
+    fn retry_allocations(&mut self, now: Instant) {
+        let mut still = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            if p.reply.is_closed() {
+                continue;
+            }
+            match self.router.ipam_allocate(now, &p.key, p.subnet) {
+                Ok(addr) => {
+                    tracing::info!(container = %p.key, address = %addr.0, "allocated");
+                    self.replies.push((p.reply, Ok(addr)));
+                }
+                Err(mesh::ipam::AllocError::Waiting { reason }) if now < p.deadline => {
+                    let _ = reason;
+                    still.push(p);
+                }
+                Err(mesh::ipam::AllocError::Waiting { reason }) => {
+                    let e = format!("no address after waiting {}s: {reason}", p.wait.as_secs());
+                    self.replies.push((p.reply, Err(e)));
+                }
+                Err(e) => self.replies.push((p.reply, Err(e.to_string()))),
+            }
+        }
+        self.pending = still;
+    }
+
+    /// Saves the IPAM state if it changed. Called before anything that depends on it leaves.
+    fn save_ipam(&mut self) {
+        if !self.router.ipam_take_dirty() {
+            return;
+        }
+        if let Some(store) = &self.ipam_store {
+            if let Err(e) = store.save(&self.router.ipam().persisted()) {
+                // Without a durable copy we must not hand out what we cannot remember.
+                tracing::error!("{e:#}");
+                for (reply, _) in self.replies.drain(..) {
+                    let _ = reply.send(Err(format!("cannot save IPAM state: {e:#}")));
+                }
+            }
+        }
+    }
+
+    fn ipam_status(&self) -> IpamStatus {
+        let s = self.router.ipam().status();
+        let nick = |p: PeerName| {
+            self.router
+                .topology()
+                .peers()
+                .find(|x| x.name == p)
+                .map(|x| x.nickname.clone())
+        };
+        let mut unreachable = std::collections::BTreeSet::new();
+        let subnets = s
+            .subnets
+            .iter()
+            .map(|sub| IpamSubnet {
+                subnet: sub.subnet.to_string(),
+                owners: sub
+                    .owners
+                    .iter()
+                    .map(|o| {
+                        if !o.reachable {
+                            unreachable.insert(o.peer.to_string());
+                        }
+                        IpamOwner {
+                            peer: o.peer.to_string(),
+                            nickname: nick(o.peer),
+                            owned: o.owned,
+                            used: o.owned.saturating_sub(o.free),
+                            free: o.free,
+                            reachable: o.reachable,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        IpamStatus {
+            state: s.state.to_string(),
+            waiting: s.waiting,
+            conflict: s.conflict,
+            range: s.universe.to_string(),
+            bootstrap_members: s.genesis.map(|g| g.iter().map(|p| p.to_string()).collect()),
+            subnets,
+            unreachable_owners: unreachable.into_iter().collect(),
+            allocations: s
+                .allocations
+                .into_iter()
+                .map(|(subnet, container, addr, releasing)| IpamAllocation {
+                    subnet: subnet.to_string(),
+                    container,
+                    address: addr.to_string(),
+                    releasing,
+                })
+                .collect(),
+            reclaims: s.claims,
         }
     }
 
     /// Drains the router's outputs until it has nothing more to say, then publishes the forwarding table
     /// if anything it depends on changed.
     fn drain(&mut self) {
+        let now = Instant::now();
+        self.retry_allocations(now);
         loop {
+            self.save_ipam();
+            for (reply, answer) in self.replies.drain(..) {
+                let _ = reply.send(answer);
+            }
+            while let Some(e) = self.router.poll_ipam_event() {
+                tracing::info!("ipam: {e:?}");
+            }
             let mut progress = false;
             while let Some(t) = self.router.poll_transmit() {
                 progress = true;
@@ -834,6 +1066,7 @@ impl Control {
             mtu: self.settings.mtu,
             peers,
             connections,
+            ipam: Some(self.ipam_status()),
             sleeve: SleeveStatus {
                 cipher: if sealed { "ChaCha20-Poly1305" } else { "none" }.to_string(),
                 rx_datagrams: get("rx_datagrams"),

@@ -8,6 +8,7 @@
 //! stays, because attached containers hang on it.
 
 mod control;
+mod ipam_store;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use mesh::Identity;
+use mesh::{Identity, PeerName};
 use tokio::sync::{mpsc, watch};
 
 use crate::cli::{LaunchArgs, Paths};
@@ -60,6 +61,7 @@ pub(crate) fn check_launch_preconditions(args: &LaunchArgs) -> Result<()> {
             bail!("--password is empty; give a password or leave the flag out to run unencrypted");
         }
     }
+    ipam_config(args)?;
     Ok(())
 }
 
@@ -91,6 +93,8 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     std::fs::create_dir_all(&paths.state_dir)
         .with_context(|| format!("create state directory {}", paths.state_dir.display()))?;
     let identity = load_or_create_identity(&paths.state_dir)?;
+    let ipam = ipam_config(&args)?;
+    let (ipam_store, ipam_restored) = ipam_store::Store::open(&paths.state_dir)?;
     let mut targets = resolve_peers(&args.peers).await?;
     if args.resume {
         for addr in control::load_targets(&paths.state_dir)? {
@@ -230,7 +234,10 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         counters,
         fastpath,
         trusted_subnets: args.trusted_subnets.clone(),
-    });
+        ipam,
+        ipam_store: Some(ipam_store),
+        ipam_restored,
+    })?;
     // Last fallible step done: from here on, cleanup below removes what we add.
     let bridge_for_rules = args.bridge.clone();
     let mut firewall = tokio::task::spawn_blocking(move || BridgeRules::install(&bridge_for_rules))
@@ -351,4 +358,50 @@ fn hostname() -> String {
         .and_then(|h| h.into_string().ok())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "meshctl".to_string())
+}
+
+/// The IPAM settings from `--ipalloc-range` and `--ipalloc-init`.
+pub(crate) fn ipam_config(args: &LaunchArgs) -> Result<mesh::ipam::IpamConfig> {
+    use mesh::ipam::{Cidr, Init, IpamConfig};
+    let universe: Cidr = args.ipalloc_range.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "bad --ipalloc-range {:?}: {e}; give a CIDR such as 10.32.0.0/12",
+            args.ipalloc_range
+        )
+    })?;
+    let init = match args.ipalloc_init.as_deref() {
+        None => Init::Consensus(args.peers.len() + 1),
+        Some("observer") => Init::Observer,
+        Some(s) if s.starts_with("consensus=") => {
+            let n = &s["consensus=".len()..];
+            match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Init::Consensus(n),
+                _ => bail!(
+                    "bad --ipalloc-init {s:?}: N in consensus=N must be the number of initial \
+                     peers (1 or more)"
+                ),
+            }
+        }
+        Some(s) if s.starts_with("seed=") => {
+            let mut peers = Vec::new();
+            for p in s["seed=".len()..].split(',').filter(|p| !p.is_empty()) {
+                peers.push(p.parse::<PeerName>().map_err(|e| {
+                    anyhow::anyhow!(
+                        "bad --ipalloc-init {s:?}: {p:?} is not a peer name ({e}); use the names \
+                         `meshctl status` shows"
+                    )
+                })?);
+            }
+            if peers.is_empty() {
+                bail!("bad --ipalloc-init {s:?}: list at least one peer name after seed=");
+            }
+            Init::Seed(peers)
+        }
+        Some(s) => bail!("bad --ipalloc-init {s:?}: use consensus=N, seed=PEER,... or observer"),
+    };
+    Ok(IpamConfig {
+        universe,
+        init,
+        ..IpamConfig::default()
+    })
 }

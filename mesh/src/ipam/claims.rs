@@ -1,0 +1,195 @@
+//! Reclaiming the space of a peer that vanished: a claim, votes, and the transfer once a
+//! quorum agreed.
+//!
+//! A peer unreachable for `reclaim_after` (or named by `meshctl rmpeer`) may have its ranges
+//! taken over. The smallest reachable peer claims it in its own [`Claims`]; every peer that
+//! also finds it unreachable votes for one claimer per vanished peer, once and for good (the
+//! vote is persisted with the record). The claimer takes over the ranges only when a strict
+//! majority of the electorate (the genesis members and every owner in its rings, without the
+//! vanished peer) voted for it. Two sides of a partition cannot both reach a majority of the
+//! same electorate, because nobody votes twice.
+//!
+//! Known limit: the electorate is the claimer's view. If both sides of a long partition give
+//! space to many new peers, their electorates differ and the majority argument weakens; the
+//! simulator keeps new owners to one side at a time. Weave equivalent: `rmpeer`, without safety.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Ipam, IpamEvent};
+use crate::peer::PeerName;
+
+/// One peer's claims and votes; part of its gossiped record.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct Claims {
+    /// Vanished peers this peer asks to take over; `true` when forced by `meshctl rmpeer`.
+    pub claims: BTreeMap<PeerName, bool>,
+    /// Per vanished peer, the claimer this peer voted for. Never changes once set.
+    pub votes: BTreeMap<PeerName, PeerName>,
+    /// Vanished peers this peer took over.
+    pub done: BTreeSet<PeerName>,
+}
+
+impl Claims {
+    /// Adds a claim; returns whether it is new (or newly forced).
+    pub fn claim(&mut self, peer: PeerName, forced: bool) -> bool {
+        match self.claims.get(&peer) {
+            Some(&f) if f || !forced => false,
+            _ => {
+                self.claims.insert(peer, forced);
+                true
+            }
+        }
+    }
+}
+
+impl Ipam {
+    /// Every peer that takes part in reclaim votes, in our view, without `gone`.
+    fn electorate(&self, gone: PeerName) -> BTreeSet<PeerName> {
+        let mut e: BTreeSet<PeerName> = self.state.genesis.iter().flatten().copied().collect();
+        for ring in &self.state.rings {
+            e.extend(ring.owners());
+        }
+        if let Some(universe) = self.ring(self.config.universe) {
+            e.extend(universe.owners());
+        }
+        e.remove(&gone);
+        e
+    }
+
+    fn owns_space(&self, peer: PeerName) -> bool {
+        self.ring(self.config.universe)
+            .into_iter()
+            .chain(self.state.rings.iter().cloned())
+            .any(|r| r.owners().contains(&peer))
+    }
+
+    fn unreachable_long_enough(&self, now: Instant, peer: PeerName, forced: bool) -> bool {
+        if self.reachable.contains(&peer) || peer == self.me {
+            return false;
+        }
+        if forced {
+            return true;
+        }
+        let Some(after) = self.config.reclaim_after else {
+            return false;
+        };
+        self.unreachable_since
+            .get(&peer)
+            .is_some_and(|since| now >= *since + after)
+    }
+
+    pub(super) fn claims_step(&mut self, now: Instant) {
+        let mut changed = false;
+        // Claim: the smallest reachable peer (or us) claims every owner gone for long enough.
+        let smallest = self.reachable.iter().copied().chain([self.me]).min();
+        if smallest == Some(self.me) {
+            let owners: BTreeSet<PeerName> = self.electorate(self.me);
+            for x in owners {
+                if self.unreachable_long_enough(now, x, false) {
+                    let rec = self.state.records.entry(self.me).or_default();
+                    changed |= rec.claims.claim(x, false);
+                }
+            }
+        }
+        // Vote: once per vanished peer, for the smallest claimer we see.
+        let mut claimers: BTreeMap<PeerName, (PeerName, bool)> = BTreeMap::new();
+        for (c, r) in &self.state.records {
+            for (&x, &forced) in &r.claims.claims {
+                let e = claimers.entry(x).or_insert((*c, forced));
+                if *c < e.0 {
+                    *e = (*c, forced);
+                }
+            }
+        }
+        for (x, (claimer, forced)) in claimers {
+            let voted = self.state.records[&self.me].claims.votes.contains_key(&x);
+            if voted || !self.unreachable_long_enough(now, x, forced) {
+                continue;
+            }
+            let rec = self.state.records.get_mut(&self.me).expect("own record");
+            rec.claims.votes.insert(x, claimer);
+            changed = true;
+        }
+        // Win: take over once a majority of the electorate voted for us.
+        let mine: Vec<PeerName> = self.state.records[&self.me]
+            .claims
+            .claims
+            .keys()
+            .copied()
+            .collect();
+        for x in mine {
+            if self.state.records[&self.me].claims.done.contains(&x) || !self.owns_space(x) {
+                continue;
+            }
+            let electorate = self.electorate(x);
+            let votes = electorate
+                .iter()
+                .filter(|v| {
+                    self.state
+                        .records
+                        .get(v)
+                        .and_then(|r| r.claims.votes.get(&x))
+                        == Some(&self.me)
+                })
+                .count();
+            if votes * 2 <= electorate.len() {
+                continue;
+            }
+            let mut rings = std::mem::take(&mut self.state.rings);
+            if let Some(u) = self.ring(self.config.universe) {
+                if !rings.iter().any(|r| r.subnet() == u.subnet()) {
+                    rings.push(u);
+                }
+            }
+            for ring in &mut rings {
+                ring.transfer(x, self.me);
+            }
+            rings.sort_by_key(|r| r.subnet());
+            self.state.rings = rings;
+            let rec = self.state.records.get_mut(&self.me).expect("own record");
+            rec.claims.done.insert(x);
+            changed = true;
+            self.events.push_back(IpamEvent::Reclaimed { peer: x });
+        }
+        if changed {
+            let rec = self.state.records.get_mut(&self.me).expect("own record");
+            rec.version += 1;
+            self.changed = true;
+            self.dirty = true;
+        }
+    }
+
+    pub(super) fn claims_status(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (c, r) in &self.state.records {
+            for (x, forced) in &r.claims.claims {
+                let electorate = self.electorate(*x);
+                let votes = electorate
+                    .iter()
+                    .filter(|v| {
+                        self.state
+                            .records
+                            .get(v)
+                            .and_then(|r| r.claims.votes.get(x))
+                            == Some(c)
+                    })
+                    .count();
+                let state = if r.claims.done.contains(x) {
+                    "taken over".to_string()
+                } else {
+                    format!(
+                        "{votes} of {} votes, needs {}",
+                        electorate.len(),
+                        electorate.len() / 2 + 1
+                    )
+                };
+                let how = if *forced { "rmpeer" } else { "unreachable" };
+                out.push(format!("{c} claims {x} ({how}): {state}"));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,544 @@
+//! Seeded simulation of IPAM across real `Router`s: joins, partitions, connection drops,
+//! restarts from persisted state, departures (vanished for good, or `reset` hand-over), and
+//! thousands of allocations and releases.
+//!
+//! Goal: no address is ever held by two containers, no address is ever owned by two peers (in
+//! their own views, including the persisted view of a peer that is down), a restarted router
+//! gives its containers their old addresses, and after healing every peer holds the same rings.
+//! Method: a small deterministic harness (time jumps, seeded RNG, in-flight queue); checkers run
+//! after every step. CI runs 3 small seeds; `MESH_IPAM_BIG=1 MESH_IPAM_SEEDS=2000 cargo test -p
+//! mesh --release --test ipam_sim` runs up to 50 peers and more seeds (slow today: full-state
+//! flooding makes big runs take tens of seconds each); `MESH_IPAM_SEED=N` replays one.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mesh::ipam::{Cidr, Init, IpamConfig, IpamEvent, Persisted};
+use mesh::{ConnId, PeerName, Router, RouterConfig};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+struct SimPeer {
+    name: PeerName,
+    init: Init,
+    router: Option<Router>,
+    persisted: Option<Persisted>,
+    gone: bool,
+    /// Handed its space over (`meshctl reset`); its allocations go with it.
+    leaving: bool,
+    down_since: Option<Instant>,
+    /// Container id -> (subnet, address).
+    containers: BTreeMap<String, (Option<Cidr>, Ipv4Addr)>,
+    pending: Vec<(String, Option<Cidr>)>,
+}
+
+struct InFlight {
+    at: Instant,
+    to: usize,
+    conn: ConnId,
+    bytes: Vec<u8>,
+}
+
+struct Sim {
+    seed: u64,
+    rng: SmallRng,
+    now: Instant,
+    peers: Vec<SimPeer>,
+    /// Wanted links (the graph); a link is up when both ends run and no partition cuts it.
+    graph: BTreeSet<(usize, usize)>,
+    /// Up links: (i, j) -> (conn at i, conn at j).
+    up: BTreeMap<(usize, usize), (ConnId, ConnId)>,
+    side: Vec<bool>,
+    partitioned: bool,
+    inflight: VecDeque<InFlight>,
+    next_conn: u64,
+    next_container: u64,
+    config: IpamConfig,
+    subnets: Vec<Option<Cidr>>,
+}
+
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, (i % 250) as u8 + 1], 6783 + (i / 250) as u16))
+}
+
+impl Sim {
+    fn new(seed: u64, initial: usize) -> Sim {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let config = IpamConfig {
+            universe: "10.32.0.0/22".parse().unwrap(),
+            init: Init::Consensus(initial),
+            grace: Duration::from_secs(2),
+            reclaim_after: Some(Duration::from_secs(120)),
+            tick: Duration::from_secs(1),
+        };
+        let seeded = rng.gen_bool(0.3);
+        let names: Vec<PeerName> = (0..initial)
+            .map(|_| PeerName(rng.gen::<u64>() & ((1 << 48) - 1)))
+            .collect();
+        let mut sim = Sim {
+            seed,
+            rng,
+            now: Instant::now(),
+            peers: Vec::new(),
+            graph: BTreeSet::new(),
+            up: BTreeMap::new(),
+            side: Vec::new(),
+            partitioned: false,
+            inflight: VecDeque::new(),
+            next_conn: 1,
+            next_container: 0,
+            config,
+            subnets: vec![None, Some("10.2.1.0/24".parse().unwrap())],
+        };
+        for name in names.iter().copied() {
+            let init = if seeded {
+                Init::Seed(names.clone())
+            } else {
+                Init::Consensus(initial)
+            };
+            sim.add_peer(name, init);
+        }
+        sim
+    }
+
+    fn add_peer(&mut self, name: PeerName, init: Init) -> usize {
+        let i = self.peers.len();
+        self.peers.push(SimPeer {
+            name,
+            init,
+            router: None,
+            persisted: None,
+            gone: false,
+            leaving: false,
+            down_since: None,
+            containers: BTreeMap::new(),
+            pending: Vec::new(),
+        });
+        self.side.push(false);
+        let live: Vec<usize> = (0..i).filter(|&j| !self.peers[j].gone).collect();
+        let links = self.rng.gen_range(1..=3usize);
+        for _ in 0..links {
+            if let Some(&j) = live.get(self.rng.gen_range(0..live.len().max(1))) {
+                self.graph.insert((j, i));
+            }
+        }
+        self.start(i);
+        i
+    }
+
+    fn start(&mut self, i: usize) {
+        let p = &mut self.peers[i];
+        let config = RouterConfig {
+            discovery: false,
+            ipam: IpamConfig {
+                init: p.init.clone(),
+                ..self.config.clone()
+            },
+            ..RouterConfig::default()
+        };
+        let mut router = Router::new(config, p.name, self.seed ^ i as u64, self.now);
+        if let Some(state) = p.persisted.clone() {
+            router.ipam_restore(self.now, state).expect("restore");
+        }
+        p.router = Some(router);
+        p.down_since = None;
+        self.drain(i);
+        self.reconcile_links();
+    }
+
+    fn stop(&mut self, i: usize) {
+        self.peers[i].router = None;
+        self.peers[i].down_since = Some(self.now);
+        self.reconcile_links();
+    }
+
+    fn link_allowed(&self, a: usize, b: usize) -> bool {
+        let running = |k: usize| self.peers[k].router.is_some();
+        running(a) && running(b) && (!self.partitioned || self.side[a] == self.side[b])
+    }
+
+    fn reconcile_links(&mut self) {
+        let graph: Vec<(usize, usize)> = self.graph.iter().copied().collect();
+        for (a, b) in graph {
+            let allowed = self.link_allowed(a, b);
+            let is_up = self.up.contains_key(&(a, b));
+            if allowed && !is_up {
+                let (ca, cb) = (ConnId(self.next_conn), ConnId(self.next_conn + 1));
+                self.next_conn += 2;
+                self.up.insert((a, b), (ca, cb));
+                let (na, nb) = (self.peers[a].name, self.peers[b].name);
+                let now = self.now;
+                self.router(a)
+                    .handle_connected(now, ca, nb, String::new(), addr(b), true);
+                self.drain(a);
+                self.router(b)
+                    .handle_connected(now, cb, na, String::new(), addr(a), false);
+                self.drain(b);
+            } else if !allowed && is_up {
+                let (ca, cb) = self.up.remove(&(a, b)).unwrap();
+                self.inflight
+                    .retain(|m| !((m.to == a && m.conn == ca) || (m.to == b && m.conn == cb)));
+                let now = self.now;
+                for (k, c) in [(a, ca), (b, cb)] {
+                    if let Some(r) = self.peers[k].router.as_mut() {
+                        r.handle_disconnected(now, c, "sim".into());
+                        self.drain(k);
+                    }
+                }
+            }
+        }
+    }
+
+    fn router(&mut self, i: usize) -> &mut Router {
+        self.peers[i].router.as_mut().expect("running")
+    }
+
+    /// Persists (before anything is sent, like the daemon) and queues transmits.
+    fn drain(&mut self, i: usize) {
+        let Some(router) = self.peers[i].router.as_mut() else {
+            return;
+        };
+        let persisted = router.ipam_take_dirty().then(|| router.ipam().persisted());
+        let mut out = Vec::new();
+        while let Some(t) = router.poll_transmit() {
+            out.push(t);
+        }
+        while router.poll_event().is_some() {}
+        let mut lost = Vec::new();
+        while let Some(e) = router.poll_ipam_event() {
+            match e {
+                IpamEvent::Lost { allocations } => lost.extend(allocations),
+                other if std::env::var("MESH_IPAM_TRACE").is_ok() => {
+                    eprintln!("peer {i}: {other:?}")
+                }
+                _ => {}
+            }
+        }
+        if persisted.is_some() {
+            self.peers[i].persisted = persisted;
+        }
+        assert!(
+            lost.is_empty() || self.peers[i].leaving,
+            "seed {}: peer {i} lost allocations {lost:?}",
+            self.seed
+        );
+        for t in out {
+            let Some((&(a, b), &(ca, cb))) = self.up.iter().find(|((a, b), (ca, cb))| {
+                (*a == i && *ca == t.conn) || (*b == i && *cb == t.conn)
+            }) else {
+                continue;
+            };
+            let (to, conn) = if a == i { (b, cb) } else { (a, ca) };
+            let delay = Duration::from_millis(self.rng.gen_range(1..40));
+            self.inflight.push_back(InFlight {
+                at: self.now + delay,
+                to,
+                conn,
+                bytes: t.encode(),
+            });
+        }
+    }
+
+    fn running(&self) -> Vec<usize> {
+        (0..self.peers.len())
+            .filter(|&i| self.peers[i].router.is_some())
+            .collect()
+    }
+
+    /// Advances time by `dt`: delivers messages and fires timers in order.
+    fn advance(&mut self, dt: Duration) {
+        let end = self.now + dt;
+        loop {
+            let msg_at = self.inflight.iter().map(|m| m.at).min();
+            let timer_at = self
+                .running()
+                .into_iter()
+                .filter_map(|i| self.peers[i].router.as_ref().unwrap().poll_timeout())
+                .min();
+            let next = [msg_at, timer_at].into_iter().flatten().min();
+            let Some(next) = next.filter(|t| *t <= end) else {
+                break;
+            };
+            self.now = self.now.max(next);
+            if msg_at == Some(next) {
+                let idx = self.inflight.iter().position(|m| m.at == next).unwrap();
+                let m = self.inflight.remove(idx).unwrap();
+                let now = self.now;
+                if let Some(r) = self.peers[m.to].router.as_mut() {
+                    r.handle_message(now, m.conn, &m.bytes).expect("decodes");
+                    self.drain(m.to);
+                }
+            } else {
+                for i in self.running() {
+                    let now = self.now;
+                    let r = self.router(i);
+                    if r.poll_timeout().is_some_and(|t| t <= now) {
+                        r.handle_timeout(now);
+                        self.drain(i);
+                    }
+                }
+            }
+            self.retry_pending();
+            self.check();
+        }
+        self.now = end;
+    }
+
+    fn allocate(&mut self, i: usize, id: String, subnet: Option<Cidr>) -> bool {
+        let now = self.now;
+        match self.router(i).ipam_allocate(now, &id, subnet) {
+            Ok((a, _)) => {
+                self.drain(i);
+                self.peers[i].containers.insert(id, (subnet, a));
+                self.check();
+                true
+            }
+            Err(mesh::ipam::AllocError::Waiting { .. }) => {
+                self.drain(i);
+                false
+            }
+            Err(e) => panic!("seed {}: allocation failed: {e}", self.seed),
+        }
+    }
+
+    fn retry_pending(&mut self) {
+        for i in self.running() {
+            let pending = std::mem::take(&mut self.peers[i].pending);
+            for (id, subnet) in pending {
+                if !self.allocate(i, id.clone(), subnet) {
+                    self.peers[i].pending.push((id, subnet));
+                }
+            }
+        }
+    }
+
+    /// Safety: no address held twice; no address owned by two peers.
+    fn check(&self) {
+        let mut held: BTreeMap<(Option<Cidr>, Ipv4Addr), &str> = BTreeMap::new();
+        for p in &self.peers {
+            for (id, (subnet, a)) in &p.containers {
+                if let Some(other) = held.insert((*subnet, *a), id) {
+                    panic!("seed {}: {a} held by {other} and {id}", self.seed);
+                }
+            }
+        }
+        let mut claims: BTreeMap<Cidr, Vec<(u64, u64, usize)>> = BTreeMap::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.gone {
+                continue;
+            }
+            let rings = match &p.router {
+                Some(r) => r.ipam().rings(),
+                None => match &p.persisted {
+                    Some(v) => &v.state.rings[..],
+                    None => continue,
+                },
+            };
+            for ring in rings {
+                for r in ring.owned(p.name) {
+                    claims
+                        .entry(ring.subnet())
+                        .or_default()
+                        .push((r.start, r.end, i));
+                }
+            }
+        }
+        for (subnet, mut ranges) in claims {
+            ranges.sort();
+            for w in ranges.windows(2) {
+                assert!(
+                    w[0].1 <= w[1].0,
+                    "seed {}: {subnet}: peers {} and {} both own {}",
+                    self.seed,
+                    w[0].2,
+                    w[1].2,
+                    mesh::ipam::ip(w[1].0)
+                );
+            }
+        }
+    }
+
+    fn random_event(&mut self) {
+        let running = self.running();
+        let roll = self.rng.gen_range(0..100);
+        match roll {
+            0..=49 if !running.is_empty() => {
+                let i = running[self.rng.gen_range(0..running.len())];
+                let subnet = self.subnets[self.rng.gen_range(0..10) / 8];
+                let id = format!("c{}", self.next_container);
+                self.next_container += 1;
+                if !self.allocate(i, id.clone(), subnet) {
+                    self.peers[i].pending.push((id, subnet));
+                }
+            }
+            50..=74 if !running.is_empty() => {
+                let i = running[self.rng.gen_range(0..running.len())];
+                let ids: Vec<String> = self.peers[i].containers.keys().cloned().collect();
+                if let Some(id) = ids.get(self.rng.gen_range(0..ids.len().max(1))).cloned() {
+                    let now = self.now;
+                    self.router(i).ipam_release(now, &id);
+                    self.drain(i);
+                    self.peers[i].containers.remove(&id);
+                }
+            }
+            75..=79 => {
+                if self.partitioned {
+                    self.partitioned = false;
+                } else {
+                    for s in self.side.iter_mut() {
+                        *s = self.rng.gen_bool(0.5);
+                    }
+                    self.partitioned = true;
+                }
+                self.reconcile_links();
+            }
+            80..=84 if !running.is_empty() => {
+                // Drop one connection; it comes back at the next reconcile.
+                let ups: Vec<(usize, usize)> = self.up.keys().copied().collect();
+                if let Some(&(a, b)) = ups.get(self.rng.gen_range(0..ups.len().max(1))) {
+                    self.graph.remove(&(a, b));
+                    self.reconcile_links();
+                    self.graph.insert((a, b));
+                }
+            }
+            85..=89 => {
+                // Restart (kill -9 and start): containers keep their addresses.
+                if let Some(&i) = running.get(self.rng.gen_range(0..running.len().max(1))) {
+                    self.stop(i);
+                    let down = Duration::from_secs(self.rng.gen_range(1..20));
+                    self.advance(down);
+                    self.start(i);
+                    for (id, (subnet, a)) in self.peers[i].containers.clone() {
+                        let now = self.now;
+                        let got = self.router(i).ipam_allocate(now, &id, subnet);
+                        assert_eq!(
+                            got.map(|g| g.0),
+                            Ok(a),
+                            "seed {}: restarted peer changed {id}'s address",
+                            self.seed
+                        );
+                        self.drain(i);
+                    }
+                }
+            }
+            90..=92 if self.peers.len() < 50 => {
+                let name = PeerName(self.rng.gen::<u64>() & ((1 << 48) - 1));
+                self.add_peer(name, Init::Observer);
+            }
+            93..=94 if running.len() > 2 => {
+                // Departure: vanish for good (host and containers gone), or reset first.
+                let i = running[self.rng.gen_range(0..running.len())];
+                if self.rng.gen_bool(0.5) {
+                    self.peers[i].leaving = true;
+                    let handed = self.router(i).ipam_hand_over();
+                    self.drain(i);
+                    if handed.is_none() {
+                        self.peers[i].leaving = false;
+                        return;
+                    }
+                    // Deliver the hand-over before leaving (reset waits for it).
+                    self.advance(Duration::from_millis(100));
+                }
+                self.stop(i);
+                self.peers[i].gone = true;
+                self.peers[i].containers.clear();
+                self.peers[i].pending.clear();
+            }
+            _ => {}
+        }
+    }
+
+    /// Liveness: heal, let gossip settle, require identical rings everywhere.
+    fn heal_and_converge(&mut self) {
+        self.partitioned = false;
+        for i in 0..self.peers.len() {
+            if !self.peers[i].gone && self.peers[i].router.is_none() {
+                self.start(i);
+            }
+        }
+        // Departures may have split the graph: join what is left into a line.
+        let running = self.running();
+        for w in running.windows(2) {
+            self.graph.insert((w[0], w[1]));
+        }
+        self.reconcile_links();
+        self.advance(Duration::from_secs(200));
+        let running = self.running();
+        let rings = |i: usize| {
+            self.peers[i]
+                .router
+                .as_ref()
+                .unwrap()
+                .ipam()
+                .rings()
+                .to_vec()
+        };
+        let reference = rings(running[0]);
+        for &i in &running[1..] {
+            // A peer that never used a subnet may lack its (still genesis) ring.
+            let mine = rings(i);
+            for r in &mine {
+                if let Some(x) = reference.iter().find(|x| x.subnet() == r.subnet()) {
+                    assert_eq!(x, r, "seed {}: peers disagree after healing", self.seed);
+                }
+            }
+        }
+        for &i in &running {
+            assert!(
+                self.peers[i].pending.is_empty(),
+                "seed {}: peer {i} still waits for {:?}: {:?}",
+                self.seed,
+                self.peers[i].pending,
+                self.peers[i]
+                    .router
+                    .as_ref()
+                    .unwrap()
+                    .ipam()
+                    .status()
+                    .waiting
+            );
+        }
+    }
+}
+
+fn run(seed: u64) -> usize {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let initial = rng.gen_range(3..=5);
+    let mut sim = Sim::new(seed, initial);
+    let big = std::env::var("MESH_IPAM_BIG").is_ok();
+    let target = rng.gen_range(5..=if big { 50 } else { 8usize });
+    let steps = rng.gen_range(if big { 100..300 } else { 60..100 });
+    for _ in 0..steps {
+        if sim.peers.len() < target && sim.rng.gen_bool(0.2) {
+            let name = PeerName(sim.rng.gen::<u64>() & ((1 << 48) - 1));
+            sim.add_peer(name, Init::Observer);
+        }
+        sim.random_event();
+        let dt = Duration::from_millis(sim.rng.gen_range(10..2000));
+        sim.advance(dt);
+    }
+    sim.heal_and_converge();
+    sim.next_container as usize
+}
+
+fn seeds() -> Vec<u64> {
+    if let Ok(s) = std::env::var("MESH_IPAM_SEED") {
+        return vec![s.parse().expect("MESH_IPAM_SEED is a number")];
+    }
+    let n: u64 = std::env::var("MESH_IPAM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    (0..n).collect()
+}
+
+#[test]
+fn no_address_is_ever_given_out_twice() {
+    let mut allocations = 0;
+    let seeds = seeds();
+    for &seed in &seeds {
+        allocations += run(seed);
+    }
+    println!("{} runs, {allocations} allocations requested", seeds.len());
+}
