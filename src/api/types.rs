@@ -35,6 +35,10 @@ pub(crate) struct PeerStatus {
     pub(crate) overlay: Option<String>,
     /// Why that overlay, or why none.
     pub(crate) overlay_reason: String,
+    /// The cipher of the sleeve session to the next hop (`none` without a password); absent
+    /// while unreachable.
+    #[serde(default)]
+    pub(crate) cipher: Option<String>,
     /// How many connections it announces.
     pub(crate) connections: usize,
 }

@@ -55,11 +55,12 @@ fn render(s: &Status) -> String {
                     Some(o) => format!("{o}: {}", p.overlay_reason),
                     None => p.overlay_reason.clone(),
                 },
+                p.cipher.clone().unwrap_or_else(dash),
             ]
         })
         .collect();
     out.push_str(&table(
-        &["NAME", "NICKNAME", "STATE", "NEXT HOP", "OVERLAY"],
+        &["NAME", "NICKNAME", "STATE", "NEXT HOP", "OVERLAY", "CIPHER"],
         &rows,
     ));
     out.push_str(&format!("\nConnections ({}):\n", s.connections.len()));

@@ -22,9 +22,9 @@ use tokio::sync::{mpsc, watch};
 use crate::api::server::Call;
 use crate::api::types::{ConnectionStatus, PeerStatus, SleeveStatus, Status};
 use crate::dataplane::forwarding::{ForwardingTable, SessionParams};
-use crate::dataplane::sleeve::crypto::derive_keys;
+use crate::dataplane::sleeve::crypto::{derive_keys, Cipher};
 use crate::dataplane::sleeve::Counters;
-use crate::transport::handshake::{self, HandshakeError, Hello};
+use crate::transport::handshake::{self, HandshakeError, Hello, HelloExt};
 use crate::transport::quic::SERVER_NAME;
 
 /// How long a dial or an accepted connection may take to finish the handshake.
@@ -38,6 +38,8 @@ pub(super) struct Settings {
     pub(super) identity: Identity,
     pub(super) nickname: String,
     pub(super) password: Option<String>,
+    /// `--cipher`: the sleeve cipher to insist on, if any.
+    pub(super) cipher: Option<Cipher>,
     pub(super) discovery: bool,
     pub(super) port: u16,
     pub(super) bridge: String,
@@ -88,6 +90,8 @@ struct Local {
     data_port: u16,
     /// Source of unique sleeve receiver indices.
     next_index: AtomicU32,
+    /// What our sleeve can do, sent in every `Hello`.
+    ext: HelloExt,
 }
 
 impl Local {
@@ -98,6 +102,7 @@ impl Local {
             sealed: self.password.is_some(),
             data_port: self.data_port,
             session_index: self.next_index.fetch_add(1, Ordering::Relaxed),
+            ext: self.ext.clone(),
         }
     }
 }
@@ -148,6 +153,11 @@ impl Control {
             password: settings.password.clone(),
             data_port: settings.port + 1,
             next_index: AtomicU32::new(random_u64() as u32),
+            ext: HelloExt {
+                offload: true,
+                aes_fast: Cipher::aes_is_fast(),
+                cipher: settings.cipher.map(Cipher::code),
+            },
         });
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
         Control {
@@ -281,6 +291,17 @@ impl Control {
             remote_index: remote.session_index,
             send_key,
             recv_key,
+            cipher: Cipher::negotiate(
+                (
+                    self.local.ext.aes_fast,
+                    self.local.ext.cipher.and_then(Cipher::from_code),
+                ),
+                (
+                    remote.ext.aes_fast,
+                    remote.ext.cipher.and_then(Cipher::from_code),
+                ),
+            ),
+            offload: remote.ext.offload,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(new.send, rx));
@@ -464,7 +485,19 @@ impl Control {
             .filter(|p| p.name != me)
             .map(|p| {
                 let next_hop = routes.unicast.get(&p.name).copied();
+                let cipher = next_hop.and_then(|hop| {
+                    let session = self.conns.values().find(|c| c.peer == hop)?;
+                    Some(
+                        if sealed {
+                            session.session.cipher.name()
+                        } else {
+                            "none"
+                        }
+                        .to_string(),
+                    )
+                });
                 PeerStatus {
+                    cipher,
                     name: p.name.to_string(),
                     nickname: p.nickname.clone(),
                     reachable: next_hop.is_some(),
@@ -539,7 +572,15 @@ impl Control {
             peers,
             connections,
             sleeve: SleeveStatus {
-                cipher: if sealed { "ChaCha20-Poly1305" } else { "none" }.to_string(),
+                cipher: match (sealed, self.local.ext.cipher.and_then(Cipher::from_code)) {
+                    (false, _) => "none".to_string(),
+                    (true, Some(forced)) => forced.name().to_string(),
+                    (true, None) if self.local.ext.aes_fast => {
+                        "AES-256-GCM where the peer has AES instructions, else ChaCha20-Poly1305"
+                            .to_string()
+                    }
+                    (true, None) => "ChaCha20-Poly1305".to_string(),
+                },
                 rx_datagrams: get("rx_datagrams"),
                 tx_datagrams: get("tx_datagrams"),
                 rx_frames: get("rx_frames"),

@@ -44,6 +44,22 @@ pub(crate) struct Hello {
     pub(crate) data_port: u16,
     /// The receiver index the peer must put on sleeve datagrams for us.
     pub(crate) session_index: u32,
+    /// Data-plane capabilities, sent after the `Hello` step so that routers without them still
+    /// parse it (postcard ignores trailing bytes) and routers with them read defaults from those
+    /// without.
+    #[serde(skip)]
+    pub(crate) ext: HelloExt,
+}
+
+/// What a router's sleeve can do; appended to its `Hello` (see [`Hello::ext`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct HelloExt {
+    /// The sleeve joins super-frame segments (`FLAG_SEGMENT` datagrams).
+    pub(crate) offload: bool,
+    /// The CPU has fast AES instructions.
+    pub(crate) aes_fast: bool,
+    /// The cipher forced with `--cipher` (`Cipher::code`), if any.
+    pub(crate) cipher: Option<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -319,6 +335,9 @@ fn sleeve_secret(conn: &quinn::Connection, key: &[u8]) -> Result<Vec<u8>, Handsh
 fn emit(step: &Step) -> Vec<u8> {
     let mut out = vec![PROTOCOL_VERSION];
     out.extend(postcard::to_stdvec(step).expect("invariant: handshake steps always serialize"));
+    if let Step::Hello(hello) = step {
+        out.extend(postcard::to_stdvec(&hello.ext).expect("invariant: HelloExt serializes"));
+    }
     out
 }
 
@@ -338,7 +357,15 @@ fn parse(frame: &[u8]) -> Result<Step, HandshakeError> {
             got: v,
             supported: PROTOCOL_VERSION,
         }),
-        Some(_) => postcard::from_bytes(&frame[1..]).map_err(|e| malformed(&e.to_string())),
+        Some(_) => {
+            let (mut step, rest) = postcard::take_from_bytes::<Step>(&frame[1..])
+                .map_err(|e| malformed(&e.to_string()))?;
+            if let Step::Hello(hello) = &mut step {
+                // Older routers send no extension: they get the defaults (no offload, ChaCha20).
+                hello.ext = postcard::from_bytes(rest).unwrap_or_default();
+            }
+            Ok(step)
+        }
     }
 }
 
@@ -405,6 +432,50 @@ mod tests {
             sealed,
             data_port: 6784,
             session_index: 7,
+            ext: HelloExt {
+                offload: true,
+                aes_fast: true,
+                cipher: Some(2),
+            },
+        }
+    }
+
+    /// The `Hello` of a router that predates `HelloExt`.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct OldHello {
+        name: PeerName,
+        nickname: String,
+        sealed: bool,
+        data_port: u16,
+        session_index: u32,
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    enum OldStep {
+        Hello(OldHello),
+    }
+
+    #[test]
+    fn hello_extension_round_trips_and_old_routers_interoperate() {
+        let ours = hello(true);
+        let frame = emit(&Step::Hello(ours.clone()));
+        match parse(&frame).unwrap() {
+            Step::Hello(h) => assert_eq!(h, ours),
+            _ => panic!("expected Hello"),
+        }
+        // An old router parses our Hello and ignores the extension.
+        let old: OldStep = postcard::from_bytes(&frame[1..]).unwrap();
+        let OldStep::Hello(old) = old;
+        assert_eq!(old.session_index, 7);
+        // We parse an old router's Hello with default capabilities.
+        let mut old_frame = vec![PROTOCOL_VERSION];
+        old_frame.extend(postcard::to_stdvec(&OldStep::Hello(old)).unwrap());
+        match parse(&old_frame).unwrap() {
+            Step::Hello(h) => {
+                assert_eq!(h.ext, HelloExt::default());
+                assert_eq!(h.session_index, 7);
+            }
+            _ => panic!("expected Hello"),
         }
     }
 
