@@ -8,7 +8,10 @@ mod api;
 mod cli;
 mod daemon;
 mod dataplane;
+mod dns;
 mod kernel;
+mod metrics;
+mod plugin;
 mod transport;
 
 fn main() -> std::process::ExitCode {

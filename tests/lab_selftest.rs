@@ -38,16 +38,23 @@ fn hosts_ping_over_link_and_switch_and_nothing_is_left_after_drop() {
     let b = lab.host("b");
     let c = lab.host("c");
     let (addr_a, addr_b) = lab.link(&a, &b);
-    assert!(lab::ping(&a.netns, addr_b), "a cannot ping b over the link");
-    assert!(lab::ping(&b.netns, addr_a), "b cannot ping a over the link");
+    assert!(
+        lab::wait_for(lab::WAIT_MAX, || lab::ping(&a.netns, addr_b)),
+        "a cannot ping b over the link"
+    );
+    assert!(
+        lab::wait_for(lab::WAIT_MAX, || lab::ping(&b.netns, addr_a)),
+        "b cannot ping a over the link"
+    );
 
     let sw = lab.switch(&[&a, &b, &c]);
+    // A fresh bridge may take a moment to forward; wait with a deadline rather than one try.
     assert!(
-        lab::ping(&a.netns, sw[2]),
+        lab::wait_for(lab::WAIT_MAX, || lab::ping(&a.netns, sw[2])),
         "a cannot ping c over the switch"
     );
     assert!(
-        lab::ping(&c.netns, sw[1]),
+        lab::wait_for(lab::WAIT_MAX, || lab::ping(&c.netns, sw[1])),
         "c cannot ping b over the switch"
     );
     // No forwarding and no route: c cannot reach a's link address.

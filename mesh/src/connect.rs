@@ -7,6 +7,11 @@
 //! Retries back off exponentially from `reconnect_delay_min` to `reconnect_delay_max`, with
 //! ±20% jitter from the seeded RNG so restarted meshes don't dial in lockstep.
 //!
+//! The connection limit: discovered targets are dialed only while established connections plus
+//! dials in flight stay below `conn_limit`; user targets may go up to twice the limit (the
+//! user asked for them, and they are what joins a new peer to the mesh). A discovered address
+//! that was dropped after failing is not taken back until nobody announces it any more.
+//!
 //! Not here: which addresses are "covered" (we already have a connection with them) and the
 //! connection limit's current count; the router passes both in. This module does no IO: it
 //! hands back addresses, which the router turns into `Event::Dial`.
@@ -95,6 +100,8 @@ pub struct ConnectionMaker {
     targets: BTreeMap<SocketAddr, Target>,
     /// Addresses where we reached ourselves.
     own_addrs: BTreeSet<SocketAddr>,
+    /// Discovered addresses dropped after failing too often, while still announced.
+    given_up: BTreeSet<SocketAddr>,
     rng: SmallRng,
 }
 
@@ -105,6 +112,7 @@ impl ConnectionMaker {
             policy,
             targets: BTreeMap::new(),
             own_addrs: BTreeSet::new(),
+            given_up: BTreeSet::new(),
             rng: SmallRng::seed_from_u64(seed),
         }
     }
@@ -144,8 +152,9 @@ impl ConnectionMaker {
                 || candidates.contains(addr)
                 || matches!(t.phase, Phase::Connecting)
         });
+        self.given_up.retain(|addr| candidates.contains(addr));
         for &addr in candidates {
-            if self.own_addrs.contains(&addr) {
+            if self.own_addrs.contains(&addr) || self.given_up.contains(&addr) {
                 continue;
             }
             self.targets.entry(addr).or_insert(Target {
@@ -168,6 +177,7 @@ impl ConnectionMaker {
             && target.attempts >= self.policy.discovered_attempts_max
         {
             self.targets.remove(&addr);
+            self.given_up.insert(addr);
             return;
         }
         let attempts = target.attempts;
@@ -228,7 +238,11 @@ impl ConnectionMaker {
             if next_attempt > now || covered.contains(addr) {
                 continue;
             }
-            if in_use >= self.policy.conn_limit {
+            let limit = match target.kind {
+                TargetKind::User => self.policy.conn_limit.saturating_mul(2),
+                TargetKind::Discovered => self.policy.conn_limit,
+            };
+            if in_use >= limit {
                 // Look again later rather than spinning on a due timer.
                 target.phase = Phase::Waiting {
                     next_attempt: retry_at,
@@ -241,6 +255,37 @@ impl ConnectionMaker {
             dials.push(*addr);
         }
         dials
+    }
+
+    /// Dials in flight.
+    pub fn connecting(&self) -> usize {
+        self.targets
+            .values()
+            .filter(|t| matches!(t.phase, Phase::Connecting))
+            .count()
+    }
+
+    /// Addresses of the current discovered targets.
+    pub fn discovered(&self) -> BTreeSet<SocketAddr> {
+        self.targets
+            .iter()
+            .filter(|(_, t)| t.kind == TargetKind::Discovered)
+            .map(|(&addr, _)| addr)
+            .collect()
+    }
+
+    /// Addresses of all targets (user and discovered).
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.targets.keys().copied()
+    }
+
+    /// Addresses of the user targets, to persist across restarts.
+    pub fn user_targets(&self) -> Vec<SocketAddr> {
+        self.targets
+            .iter()
+            .filter(|(_, t)| t.kind == TargetKind::User)
+            .map(|(&addr, _)| addr)
+            .collect()
     }
 
     /// When the next uncovered target is due, if any.

@@ -9,6 +9,7 @@
 //! - [`gossip`]: the [`gossip::Channel`] trait, random fan-out, periodic timer.
 //! - [`wire`]: message framing, `[PROTOCOL_VERSION][postcard(Message)]`.
 //! - [`connect`]: whom to dial and when (targets, backoff, discovery).
+//! - [`dns`]: container name records gossiped with tombstones (not yet carried by the router).
 //! - [`router`]: composes the above; the only `handle_*` / `poll_*` surface.
 //!
 //! This crate does no IO: no sockets, no clock, no unseeded randomness. The daemon owns one
@@ -36,6 +37,7 @@
 #![warn(unreachable_pub)]
 
 pub mod connect;
+pub mod dns;
 pub mod gossip;
 pub mod peer;
 pub mod router;
@@ -45,7 +47,7 @@ pub mod wire;
 
 pub use connect::{TargetKind, TargetState, TargetStatus};
 pub use peer::{ConnId, Identity, IdentityError, PeerName, PeerNameError};
-pub use router::{ConnectionStatus, Event, Router, RouterConfig, Transmit};
+pub use router::{ConnectionStatus, Event, Router, RouterConfig, Transmit, CONN_LIMIT_DEFAULT};
 pub use routes::Routes;
 pub use topology::{ConnectionInfo, Peer, Topology, TopologyUpdate, Version};
 pub use wire::{decode, encode, DecodeError, Message, PROTOCOL_VERSION};

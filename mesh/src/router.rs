@@ -11,13 +11,22 @@
 //!   neighbour (a restarted peer learns everything at once, cf. weaveworks/weave#2085) and the
 //!   delta to the others.
 //! - message: merge; pass the delta on to everyone but the sender (to the sender as well when
-//!   the delta holds our own entry, which happens when the sender held a stale copy of us).
+//!   the delta holds our own entry, which happens when the sender held a stale copy of us),
+//!   leaving out entries a neighbour itself sent us recently (duplicate suppression). A digest
+//!   that differs from ours is answered with our full state (see [`Message::Digest`]).
 //! - disconnected: drop the connection from our entry and gossip the delta.
-//! - timeout: full state to [`gossip::FANOUT`] random neighbours every `gossip_interval`, and due
-//!   dials.
+//! - timeout: our digest to [`gossip::FANOUT`] random neighbours every `gossip_interval`, the
+//!   delayed route computation, collection of peers unreachable for `gc_grace`, due dials.
 //!
-//! After every topology change the routes are recomputed, unreachable peers are collected (and
-//! never passed on), discovered targets are refreshed, and `Event::RoutesChanged` is queued.
+//! After a topology change (at once, or `route_delay` later so that a burst of changes costs one
+//! computation) the unicast routes are recomputed, peers without a path are marked unreachable,
+//! discovered targets are refreshed, and `Event::RoutesChanged` is queued. Broadcast children
+//! are computed per source on demand ([`Router::broadcast_children`]).
+//!
+//! Failure detection: the transport (QUIC keep-alives in the daemon) reports a silent neighbour
+//! as `handle_disconnected`; a silent peer further away disappears from its neighbours'
+//! announced connections, so it becomes unreachable here, routes avoid it at once, and it is
+//! collected after `gc_grace`.
 //!
 //! Not here: sockets, the handshake and authentication (the daemon), the clock (callers pass
 //! `now`). Invariants: at most one connection per remote peer; our topology entry lists exactly
@@ -25,16 +34,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
+use rand::seq::IteratorRandom;
 use rand::SeedableRng;
 
 use crate::connect::{ConnectionMaker, Policy, TargetStatus};
 use crate::gossip::{self, Channel, Periodic};
 use crate::peer::{ConnId, PeerName};
-use crate::routes::Routes;
-use crate::topology::{ConnectionInfo, Topology, TopologyUpdate};
+use crate::routes::{self, Routes};
+use crate::topology::{ConnectionInfo, NameMap, Topology, TopologyUpdate, Version};
 use crate::wire::{self, DecodeError, Message};
 
 /// Settings for one router, fixed for its life.
@@ -56,7 +67,23 @@ pub struct RouterConfig {
     pub reconnect_delay_max: Duration,
     /// Consecutive failures after which we stop dialing a discovered address.
     pub discovered_attempts_max: u32,
+    /// How long an unreachable peer stays in the topology (shown as unreachable) before it is
+    /// collected.
+    pub gc_grace: Duration,
+    /// How long after a topology change the routes are recomputed; changes within that window
+    /// share one computation. Zero recomputes after every change.
+    pub route_delay: Duration,
 }
+
+/// Default [`RouterConfig::conn_limit`]: a random mesh where every peer keeps this many
+/// connections stays connected with a diameter of 3 to 4 hops up to thousands of peers, and
+/// every topology entry (one connection list) stays below about 1 KiB.
+pub const CONN_LIMIT_DEFAULT: usize = 16;
+
+/// Entries of small updates remembered per connection for duplicate suppression.
+const HEARD_MAX: usize = 256;
+/// Updates with more entries than this (full states) are not remembered per connection.
+const HEARD_UPDATE_MAX: usize = 16;
 
 impl Default for RouterConfig {
     fn default() -> RouterConfig {
@@ -64,22 +91,34 @@ impl Default for RouterConfig {
             nickname: String::new(),
             incarnation: 0,
             discovery: true,
-            conn_limit: 64,
+            conn_limit: CONN_LIMIT_DEFAULT,
             gossip_interval: Duration::from_secs(10),
             reconnect_delay_min: Duration::from_secs(1),
             reconnect_delay_max: Duration::from_secs(60),
             discovered_attempts_max: 10,
+            gc_grace: Duration::from_secs(30),
+            route_delay: Duration::ZERO,
         }
     }
 }
 
-/// Bytes to send on one control connection (one whole message).
+/// One message to send on one control connection.
+///
+/// The message is shared (`Arc`) between the transmits of one gossip round; in-process
+/// transports (the simulator) hand it to [`Router::handle_decoded`] without encoding.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Transmit {
     /// The connection to send on.
     pub conn: ConnId,
-    /// One encoded message ([`wire::encode`]).
-    pub bytes: Vec<u8>,
+    /// The message.
+    pub message: Arc<Message>,
+}
+
+impl Transmit {
+    /// The bytes to send ([`wire::encode`]).
+    pub fn encode(&self) -> Vec<u8> {
+        wire::encode(&self.message)
+    }
 }
 
 /// Something the daemon must do or know.
@@ -139,6 +178,15 @@ pub struct Router {
     periodic: Periodic,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// When the delayed route computation is due, if a change is pending.
+    dirty: Option<Instant>,
+    /// Target addresses that others announce for peers we are connected to (refreshed with
+    /// the routes); together with our connections' addresses these are never dialed.
+    covered: BTreeSet<SocketAddr>,
+    /// Broadcast children per source, valid until the next route computation.
+    broadcast_cache: NameMap<Vec<PeerName>>,
+    /// Per connection: entries (and versions) the neighbour sent us in small updates.
+    heard: BTreeMap<ConnId, NameMap<Version>>,
 }
 
 impl Router {
@@ -164,6 +212,10 @@ impl Router {
             conns: BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            dirty: None,
+            covered: BTreeSet::new(),
+            broadcast_cache: NameMap::default(),
+            heard: BTreeMap::new(),
         }
     }
 
@@ -175,7 +227,13 @@ impl Router {
     /// Adds user targets (`meshctl launch PEER`, `meshctl connect`); they are dialed soon.
     pub fn add_targets(&mut self, now: Instant, addrs: &[SocketAddr]) {
         self.maker.add_user(now, addrs);
+        self.refresh_covered();
         self.dial_due(now);
+    }
+
+    /// The user targets (to persist across restarts), sorted by address.
+    pub fn user_targets(&self) -> Vec<SocketAddr> {
+        self.maker.user_targets()
     }
 
     /// Stops dialing `addrs` (`meshctl forget`); existing connections stay.
@@ -213,7 +271,7 @@ impl Router {
             self.dial_due(now);
             return;
         }
-        if !outbound && self.conns.len() >= self.config.conn_limit {
+        if !outbound && !self.accepts_inbound(remote) {
             let limit = self.config.conn_limit;
             self.close(conn, format!("connection limit of {limit} reached"));
             return;
@@ -232,7 +290,16 @@ impl Router {
         if let Some(delta) = delta {
             self.send_to_all_except(Some(conn), &delta);
         }
-        self.after_topology_change(now);
+        self.topology_changed(now);
+    }
+
+    /// Inbound connections are accepted below the limit; above it (up to twice the limit) only
+    /// from peers we can't reach yet: newcomers and the other side of a partition, whose
+    /// connection is what keeps the mesh connected.
+    fn accepts_inbound(&self, remote: PeerName) -> bool {
+        let n = self.conns.len();
+        let limit = self.config.conn_limit;
+        n < limit || (n < limit.saturating_mul(2) && !self.routes.reaches(self.name, remote))
     }
 
     /// Decides between a new connection `conn` and an existing one to the same peer. Closes
@@ -261,11 +328,12 @@ impl Router {
         let Some(gone) = self.conns.remove(&conn) else {
             return;
         };
+        self.heard.remove(&conn);
         self.maker.disconnected(now, gone.addr, reason);
         if let Some(delta) = self.update_own_entry() {
             self.send_to_all_except(None, &delta);
         }
-        self.after_topology_change(now);
+        self.topology_changed(now);
     }
 
     /// Bytes arrived on a control connection: one whole message.
@@ -279,36 +347,75 @@ impl Router {
         bytes: &[u8],
     ) -> Result<(), DecodeError> {
         let message = wire::decode(bytes)?;
+        self.handle_decoded(now, conn, message);
+        Ok(())
+    }
+
+    /// A message arrived already decoded (in-process transports such as the simulator).
+    pub fn handle_decoded(&mut self, now: Instant, conn: ConnId, message: Message) {
         let Some(from) = self.conns.get(&conn).map(|c| c.peer) else {
-            return Ok(());
+            return;
         };
         match message {
             Message::Gossip(update) => {
-                let Some(mut delta) = self.topology.merge(now, from, update) else {
-                    return Ok(());
+                if update.peers.len() <= HEARD_UPDATE_MAX {
+                    let heard = self.heard.entry(conn).or_default();
+                    if heard.len() + update.peers.len() > HEARD_MAX {
+                        heard.clear();
+                    }
+                    for p in &update.peers {
+                        let v = heard.entry(p.name).or_insert(p.version);
+                        *v = (*v).max(p.version);
+                    }
+                }
+                let Some(delta) = self.topology.merge(now, from, update) else {
+                    return;
                 };
-                let removed: BTreeSet<PeerName> =
-                    self.after_topology_change(now).into_iter().collect();
-                // Never pass on what we just collected: unreachable entries would otherwise
-                // circle the mesh, collected and re-learned at every hop.
-                delta.peers.retain(|p| !removed.contains(&p.name));
                 let includes_us = delta.peers.iter().any(|p| p.name == self.name);
-                if !delta.is_empty() {
-                    let except = if includes_us { None } else { Some(conn) };
-                    self.send_to_all_except(except, &delta);
+                let except = if includes_us { None } else { Some(conn) };
+                self.send_to_all_except(except, &delta);
+                self.topology_changed(now);
+            }
+            Message::Digest { digest, reply, .. } => {
+                if digest != self.topology.digest() {
+                    self.send(conn, Message::Gossip(self.topology.full_state()));
+                    if reply {
+                        self.send(conn, self.digest_message(false));
+                    }
                 }
             }
         }
-        Ok(())
+    }
+
+    fn digest_message(&self, reply: bool) -> Message {
+        let reachable = self.routes.unicast.len() + 1;
+        Message::Digest {
+            digest: self.topology.digest(),
+            peers: u32::try_from(reachable).unwrap_or(u32::MAX),
+            reply,
+        }
     }
 
     /// Time passed: periodic gossip and due dials.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.dirty.is_some_and(|due| due <= now) {
+            self.recompute(now);
+        }
+        let grace = self.config.gc_grace;
+        if self.topology.next_expiry(grace).is_some_and(|t| t <= now)
+            && !self.topology.gc(now, grace).is_empty()
+        {
+            self.queue_routes_changed();
+        }
         if self.periodic.fire(now) {
             let conns: Vec<ConnId> = self.conns.keys().copied().collect();
             let chosen = gossip::fan_out(&mut self.rng, &conns, gossip::FANOUT);
+            let message = Arc::new(self.digest_message(true));
             for conn in chosen {
-                self.send(conn, Message::Gossip(self.topology.full_state()));
+                self.transmits.push_back(Transmit {
+                    conn,
+                    message: message.clone(),
+                });
             }
         }
         self.dial_due(now);
@@ -327,8 +434,10 @@ impl Router {
     /// When to call `handle_timeout` next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let dial = self.maker.next_timeout(&self.covered_addrs());
+        let expiry = self.topology.next_expiry(self.config.gc_grace);
         let gossip = self.periodic.deadline();
-        Some(dial.map_or(gossip, |d| d.min(gossip)))
+        let earliest = [dial, expiry, self.dirty].into_iter().flatten().min();
+        Some(earliest.map_or(gossip, |e| e.min(gossip)))
     }
 
     /// Our view of the mesh.
@@ -339,6 +448,26 @@ impl Router {
     /// Our current routes.
     pub fn routes(&self) -> &Routes {
         &self.routes
+    }
+
+    /// The neighbours we forward a broadcast from `source` to (our children in its tree),
+    /// computed on first use after each route computation.
+    pub fn broadcast_children(&mut self, source: PeerName) -> &[PeerName] {
+        let (topology, me) = (&self.topology, self.name);
+        self.broadcast_cache
+            .entry(source)
+            .or_insert_with(|| routes::broadcast(topology, me, source))
+    }
+
+    /// Broadcast children for every reachable source, for a forwarding table
+    /// ([`routes::broadcast_all`]: one search per source).
+    pub fn broadcast_all(&self) -> BTreeMap<PeerName, Vec<PeerName>> {
+        routes::broadcast_all(&self.topology, self.name)
+    }
+
+    /// The configuration this router was built with.
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
     }
 
     /// All targets with their state, sorted by address.
@@ -367,19 +496,32 @@ impl Router {
     fn send(&mut self, conn: ConnId, message: Message) {
         self.transmits.push_back(Transmit {
             conn,
-            bytes: wire::encode(&message),
+            message: Arc::new(message),
         });
     }
 
+    /// Sends `update` to every connection but `except`, leaving out for each neighbour the
+    /// entries it sent us itself (at that version or newer): it has them already.
     fn send_to_all_except(&mut self, except: Option<ConnId>, update: &TopologyUpdate) {
-        let bytes = wire::encode(&Message::Gossip(update.clone()));
+        let whole = Arc::new(Message::Gossip(update.clone()));
         for &conn in self.conns.keys() {
-            if Some(conn) != except {
-                self.transmits.push_back(Transmit {
-                    conn,
-                    bytes: bytes.clone(),
-                });
+            if Some(conn) == except {
+                continue;
             }
+            let heard = self.heard.get(&conn);
+            let known = |p: &crate::topology::Peer| {
+                heard.is_some_and(|h| h.get(&p.name).is_some_and(|&v| v >= p.version))
+            };
+            let message = if update.peers.iter().any(|p| known(p)) {
+                let peers: Vec<_> = update.peers.iter().filter(|p| !known(p)).cloned().collect();
+                if peers.is_empty() {
+                    continue;
+                }
+                Arc::new(Message::Gossip(TopologyUpdate { peers }))
+            } else {
+                whole.clone()
+            };
+            self.transmits.push_back(Transmit { conn, message });
         }
     }
 
@@ -397,18 +539,34 @@ impl Router {
         self.topology.set_own_connections(connections)
     }
 
-    /// Collects unreachable peers, recomputes routes, refreshes discovery, queues
-    /// `RoutesChanged`. Returns the collected peers.
-    fn after_topology_change(&mut self, now: Instant) -> Vec<PeerName> {
-        let removed = self.topology.gc(self.name);
-        self.routes = Routes::compute(&self.topology, self.name);
-        if !self.events.contains(&Event::RoutesChanged) {
-            self.events.push_back(Event::RoutesChanged);
+    /// Recomputes the routes now, or schedules that `route_delay` from now.
+    fn topology_changed(&mut self, now: Instant) {
+        if self.config.route_delay.is_zero() {
+            self.recompute(now);
+        } else if self.dirty.is_none() {
+            self.dirty = Some(now + self.config.route_delay);
         }
+    }
+
+    /// Recomputes routes, marks unreachable peers, refreshes discovery, queues
+    /// `RoutesChanged`.
+    fn recompute(&mut self, now: Instant) {
+        self.dirty = None;
+        self.routes = Routes::compute(&self.topology, self.name);
+        self.broadcast_cache.clear();
+        let (routes, me) = (&self.routes, self.name);
+        self.topology.mark_reachable(now, |p| routes.reaches(me, p));
+        self.queue_routes_changed();
+        self.refresh_covered();
         let candidates = self.discovery_candidates();
         self.maker.set_discovered(now, &candidates);
         self.dial_due(now);
-        removed
+    }
+
+    fn queue_routes_changed(&mut self) {
+        if !self.events.contains(&Event::RoutesChanged) {
+            self.events.push_back(Event::RoutesChanged);
+        }
     }
 
     fn dial_due(&mut self, now: Instant) {
@@ -419,34 +577,70 @@ impl Router {
     }
 
     /// Addresses we must not dial: those of our connections, those others announce for peers
-    /// we are connected to, and our own.
+    /// we are connected to (cached in `covered`), and our own.
     fn covered_addrs(&self) -> BTreeSet<SocketAddr> {
+        let mut covered = self.covered.clone();
+        covered.extend(self.conns.values().map(|c| c.addr));
+        covered
+    }
+
+    /// Refreshes `covered`: one pass over all announced connections, keeping only addresses
+    /// that are targets, so it stays as small as the target list.
+    fn refresh_covered(&mut self) {
+        let targets: BTreeSet<SocketAddr> = self.maker.addrs().collect();
         let connected: BTreeSet<PeerName> = self.conns.values().map(|c| c.peer).collect();
-        let mut covered: BTreeSet<SocketAddr> = self.conns.values().map(|c| c.addr).collect();
+        self.covered.clear();
+        if targets.is_empty() {
+            return;
+        }
         for peer in self.topology.peers() {
             for c in &peer.connections {
                 if let Some(addr) = c.addr {
-                    if c.peer == self.name || connected.contains(&c.peer) {
-                        covered.insert(addr);
+                    if (c.peer == self.name || connected.contains(&c.peer))
+                        && targets.contains(&addr)
+                    {
+                        self.covered.insert(addr);
                     }
                 }
             }
         }
-        covered
     }
 
-    /// Addresses announced for known peers we are not connected to.
-    fn discovery_candidates(&self) -> BTreeSet<SocketAddr> {
+    /// Addresses to dial for discovery: the current discovered targets that are still
+    /// announced for reachable peers we are not connected to, topped up with a random sample
+    /// of other such addresses while we are below the connection limit. Bounded by the
+    /// limit, so a router in a mesh of thousands holds a handful of targets, not thousands.
+    fn discovery_candidates(&mut self) -> BTreeSet<SocketAddr> {
         if !self.config.discovery {
             return BTreeSet::new();
         }
-        let covered = self.covered_addrs();
-        self.topology
+        let in_use = self.conns.len() + self.maker.connecting();
+        let room = self.config.conn_limit.saturating_sub(in_use);
+        let current = self.maker.discovered();
+        let connected: BTreeSet<PeerName> = self.conns.values().map(|c| c.peer).collect();
+        let own: BTreeSet<SocketAddr> = self.conns.values().map(|c| c.addr).collect();
+        let (me, routes) = (self.name, &self.routes);
+        let wanted = |c: &ConnectionInfo| {
+            c.peer != me && !connected.contains(&c.peer) && routes.reaches(me, c.peer)
+        };
+        let announced = self
+            .topology
             .peers()
             .flat_map(|p| p.connections.iter())
-            .filter(|c| c.peer != self.name && self.topology.peer(c.peer).is_some())
+            .filter(|c| wanted(c))
             .filter_map(|c| c.addr)
-            .filter(|addr| !covered.contains(addr))
-            .collect()
+            .filter(|addr| !own.contains(addr) && !self.covered.contains(addr));
+        let mut keep = BTreeSet::new();
+        let mut others = BTreeSet::new();
+        for addr in announced {
+            if current.contains(&addr) {
+                keep.insert(addr);
+            } else if room > 0 {
+                others.insert(addr);
+            }
+        }
+        let fresh = room.saturating_sub(keep.len());
+        keep.extend(others.into_iter().choose_multiple(&mut self.rng, fresh));
+        keep
     }
 }

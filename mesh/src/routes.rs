@@ -5,79 +5,159 @@
 //! order, so every peer holding the same topology computes the same trees: each broadcast frame
 //! then reaches every peer exactly once.
 //!
-//! Not here: the topology itself (`topology.rs`) and when to recompute (`router.rs`, after every
-//! topology change). No state, no locks. Weave equivalent: `mesh/routes.go`.
+//! Cost: one breadth-first search is O(N + E) over an index built for it (names to dense
+//! numbers, so the inner loop does no tree lookups). Unicast routes take one search from us;
+//! the broadcast children for one source take one search from that source, so the router
+//! computes them only on demand ([`broadcast`]) instead of for every source after every change,
+//! which would be O(N·(N + E)) and dominated everything at thousands of peers.
+//!
+//! Not here: the topology itself (`topology.rs`) and when to recompute (`router.rs`, shortly
+//! after a topology change). No state, no locks. Weave equivalent: `mesh/routes.go`.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::peer::PeerName;
-use crate::topology::Topology;
+use crate::topology::{NameMap, Topology};
 
-/// Shortest-path tree rooted at `root`: each reached peer (except the root) mapped to its parent.
-fn tree(topo: &Topology, root: PeerName) -> BTreeMap<PeerName, PeerName> {
-    let mut parent = BTreeMap::new();
-    if topo.peer(root).is_none() {
-        return parent;
-    }
-    let mut queue = VecDeque::from([root]);
-    while let Some(name) = queue.pop_front() {
-        for next in topo.neighbours(name) {
-            if next != root && !parent.contains_key(&next) {
-                parent.insert(next, name);
-                queue.push_back(next);
-            }
+/// Dense numbering of a topology's peers, for searches.
+struct Index<'a> {
+    topo: &'a Topology,
+    names: Vec<PeerName>,
+    number: NameMap<u32>,
+}
+
+impl<'a> Index<'a> {
+    fn new(topo: &'a Topology) -> Index<'a> {
+        let names: Vec<PeerName> = topo.peers().map(|p| p.name).collect();
+        let mut number = NameMap::default();
+        number.reserve(names.len());
+        for (i, &name) in names.iter().enumerate() {
+            number.insert(name, i as u32);
+        }
+        Index {
+            topo,
+            names,
+            number,
         }
     }
-    parent
+
+    /// Breadth-first search from `root` over symmetric connections, neighbours in ascending
+    /// name order. Returns each peer's parent (`u32::MAX` for the root and unreached peers).
+    fn parents(&self, root: PeerName) -> Vec<u32> {
+        let mut parent = vec![u32::MAX; self.names.len()];
+        let Some(&r) = self.number.get(&root) else {
+            return parent;
+        };
+        let mut seen = vec![false; self.names.len()];
+        seen[r as usize] = true;
+        let mut queue = VecDeque::from([r]);
+        // HOT PATH: runs over every connection of every reached peer.
+        while let Some(x) = queue.pop_front() {
+            let name = self.names[x as usize];
+            let Some(peer) = self.topo.peer(name) else {
+                continue;
+            };
+            for c in &peer.connections {
+                let Some(&y) = self.number.get(&c.peer) else {
+                    continue;
+                };
+                if seen[y as usize] || c.peer == name {
+                    continue;
+                }
+                let back = self.topo.peer(c.peer).is_some_and(|p| p.lists(name));
+                if back {
+                    seen[y as usize] = true;
+                    parent[y as usize] = x;
+                    queue.push_back(y);
+                }
+            }
+        }
+        parent
+    }
 }
 
 /// Next hop from `me` for every peer reachable from `me` (not including `me`).
 pub fn unicast(topo: &Topology, me: PeerName) -> BTreeMap<PeerName, PeerName> {
-    let parent = tree(topo, me);
-    let mut hops = BTreeMap::new();
-    for &dest in parent.keys() {
-        // Walk up to the child of `me`; depth is bounded by the number of peers.
-        let mut hop = dest;
-        while let Some(&up) = parent.get(&hop) {
-            if up == me {
+    let index = Index::new(topo);
+    let parent = index.parents(me);
+    let Some(&root) = index.number.get(&me) else {
+        return BTreeMap::new();
+    };
+    // First hop of each peer: itself if its parent is the root, else its parent's first hop.
+    // Resolved with a memo so the whole pass stays linear.
+    let mut hop = vec![u32::MAX; parent.len()];
+    let mut out = BTreeMap::new();
+    let mut chain = Vec::new();
+    for dest in 0..parent.len() {
+        if parent[dest] == u32::MAX {
+            continue;
+        }
+        let mut x = dest as u32;
+        while hop[x as usize] == u32::MAX {
+            if parent[x as usize] == root {
+                hop[x as usize] = x;
                 break;
             }
-            hop = up;
+            chain.push(x);
+            x = parent[x as usize];
         }
-        hops.insert(dest, hop);
+        let first = hop[x as usize];
+        for y in chain.drain(..) {
+            hop[y as usize] = first;
+        }
+        out.insert(index.names[dest], index.names[first as usize]);
     }
-    hops
+    out
 }
 
 /// The neighbours `me` forwards a broadcast from `source` to: `me`'s children in the
 /// shortest-path tree rooted at `source`, sorted by name. Empty if `me` is not in that tree.
 pub fn broadcast(topo: &Topology, me: PeerName, source: PeerName) -> Vec<PeerName> {
-    tree(topo, source)
+    let index = Index::new(topo);
+    let Some(&m) = index.number.get(&me) else {
+        return Vec::new();
+    };
+    let mut children: Vec<PeerName> = index
+        .parents(source)
+        .iter()
+        .enumerate()
+        .filter(|&(_, &p)| p == m)
+        .map(|(child, _)| index.names[child])
+        .collect();
+    children.sort();
+    children
+}
+
+/// Broadcast children for every source reachable from `me`: O(N·(N + E)). For the daemon's
+/// forwarding table at the sizes one machine sees (hundreds of peers); never on every change
+/// inside the router.
+pub fn broadcast_all(topo: &Topology, me: PeerName) -> BTreeMap<PeerName, Vec<PeerName>> {
+    let mut sources: Vec<PeerName> = unicast(topo, me).into_keys().collect();
+    sources.push(me);
+    sources
         .into_iter()
-        .filter(|&(_, parent)| parent == me)
-        .map(|(child, _)| child)
+        .map(|source| (source, broadcast(topo, me, source)))
         .collect()
 }
 
-/// All routes of one peer, recomputed after every topology change.
+/// The unicast routes of one peer, recomputed shortly after every topology change.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Routes {
     /// Next hop for every reachable peer.
     pub unicast: BTreeMap<PeerName, PeerName>,
-    /// For every reachable source (us included): the neighbours we forward its broadcasts to.
-    pub broadcast: BTreeMap<PeerName, Vec<PeerName>>,
 }
 
 impl Routes {
-    /// Computes unicast and broadcast routes for `me`.
+    /// Computes the unicast routes for `me`.
     pub fn compute(topo: &Topology, me: PeerName) -> Routes {
-        let unicast = unicast(topo, me);
-        let broadcast = topo
-            .reachable(me)
-            .into_iter()
-            .map(|source| (source, broadcast(topo, me, source)))
-            .collect();
-        Routes { unicast, broadcast }
+        Routes {
+            unicast: unicast(topo, me),
+        }
+    }
+
+    /// Whether `peer` is reachable (we are, trivially).
+    pub fn reaches(&self, me: PeerName, peer: PeerName) -> bool {
+        peer == me || self.unicast.contains_key(&peer)
     }
 }
 
@@ -85,6 +165,7 @@ impl Routes {
 mod tests {
     use super::*;
     use crate::topology::{ConnectionInfo, Peer, TopologyUpdate, Version};
+    use std::sync::Arc;
 
     fn n(x: u64) -> PeerName {
         PeerName(x)
@@ -111,10 +192,11 @@ mod tests {
                     })
                     .collect(),
             })
+            .map(Arc::new)
             .collect::<Vec<_>>();
         let own = peers.iter().find(|p| p.name == n(1)).cloned();
         if let Some(own) = own {
-            t.set_own_connections(own.connections);
+            t.set_own_connections(own.connections.clone());
         }
         t.apply(TopologyUpdate { peers });
         t
@@ -130,9 +212,9 @@ mod tests {
         assert_eq!(broadcast(&t, n(2), n(1)), [n(3)]);
         assert_eq!(broadcast(&t, n(3), n(1)), Vec::<PeerName>::new());
         assert_eq!(broadcast(&t, n(2), n(3)), [n(1)]);
-        let r = Routes::compute(&t, n(1));
-        assert_eq!(r.broadcast.len(), 3);
-        assert_eq!(r.broadcast[&n(3)], Vec::<PeerName>::new());
+        let all = broadcast_all(&t, n(1));
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[&n(3)], Vec::<PeerName>::new());
     }
 
     #[test]
@@ -165,9 +247,8 @@ mod tests {
         // 1 - 2    3 - 4
         let t = topo(&[(1, &[2]), (2, &[1]), (3, &[4]), (4, &[3])]);
         assert_eq!(unicast(&t, n(1)), BTreeMap::from([(n(2), n(2))]));
-        let r = Routes::compute(&t, n(1));
         assert_eq!(
-            r.broadcast.keys().copied().collect::<Vec<_>>(),
+            broadcast_all(&t, n(1)).keys().copied().collect::<Vec<_>>(),
             [n(1), n(2)]
         );
     }

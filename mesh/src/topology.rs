@@ -8,14 +8,30 @@
 //! Not here: route computation (`routes.rs`, a pure function of `&Topology`), deciding when to
 //! send what (`router.rs`), and anything that touches a socket or the clock.
 //!
+//! Failure detection behind other peers: when a peer falls silent, its neighbours drop their
+//! connections to it (transport idle timeout) and announce that; it then has no symmetric path
+//! from us, so [`Topology::mark_reachable`] marks it unreachable (routes avoid it at once), and
+//! after a grace period [`Topology::gc`] removes it and keeps a tombstone of its last version, so
+//! that a stale (older) copy still circulating can't bring it back. It returns cleanly with any newer
+//! version (a restart raises the incarnation; a reconnect bumps the counter).
+//!
+//! Entries are shared (`Arc<Peer>`): an update merged from a message is kept as is, never
+//! copied, and a full state is a vector of pointers. The [`Topology::digest`] (an XOR over the
+//! reachable entries' names and versions) lets neighbours compare whole views in 8 bytes, so
+//! periodic anti-entropy costs O(1) bytes per peer when nothing differs.
+//!
 //! Invariants: our own peer is always present and only we change it (through
 //! [`Topology::set_own_connections`], or by bumping its version when someone holds a copy at least
-//! as new as ours); a peer's version only grows while the peer is held; unreachable peers leave
-//! through [`Topology::gc`], never through `apply`. Weave equivalent: `mesh/peers.go`.
+//! as new as ours); a peer's version only grows while the peer is held or tombstoned; unreachable
+//! peers leave through [`Topology::gc`], never through `apply`; every held entry's connection
+//! list is sorted by peer name with no duplicates. Weave equivalent: `mesh/peers.go`.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -67,13 +83,20 @@ impl Peer {
             &other.connections,
         ))
     }
+
+    /// Whether this peer lists a connection to `other` (binary search: lists are sorted).
+    pub fn lists(&self, other: PeerName) -> bool {
+        self.connections
+            .binary_search_by(|c| c.peer.cmp(&other))
+            .is_ok()
+    }
 }
 
 /// A set of peer entries: a delta or a full state. Gossiped as [`crate::wire::Message::Gossip`].
 #[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct TopologyUpdate {
     /// The entries, at most one per peer, sorted by name.
-    pub peers: Vec<Peer>,
+    pub peers: Vec<Arc<Peer>>,
 }
 
 impl TopologyUpdate {
@@ -83,12 +106,59 @@ impl TopologyUpdate {
     }
 }
 
+/// A hasher for peer names: they are already uniform (from SHA-256) in the daemon, and small
+/// integers in tests, so one multiply spreads them well and costs far less than SipHash.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0 ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// `HashMap` keyed by [`PeerName`] with [`NameHasher`].
+pub type NameMap<V> = std::collections::HashMap<PeerName, V, BuildHasherDefault<NameHasher>>;
+
+/// The digest contribution of one entry.
+fn digest_of(name: PeerName, version: Version) -> u64 {
+    let mut h = NameHasher(0x5bd1_e995);
+    h.write_u64(name.0);
+    h.write_u64(version.incarnation);
+    h.write_u64(version.counter);
+    h.write_u64(0x2545_f491_4f6c_dd1d);
+    h.finish()
+}
+
 /// Our view of the mesh: one entry per known peer, our own included.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Topology {
     me: PeerName,
-    peers: BTreeMap<PeerName, Peer>,
+    peers: BTreeMap<PeerName, Arc<Peer>>,
+    /// Held peers with no symmetric path from us, and since when.
+    unreachable: BTreeMap<PeerName, Instant>,
+    /// Last version of collected peers, and when they were collected.
+    tombstones: BTreeMap<PeerName, (Version, Instant)>,
+    /// XOR of `digest_of` over held reachable entries.
+    digest: u64,
 }
+
+/// Two topologies are equal when they hold the same entries (marks and tombstones aside).
+impl PartialEq for Topology {
+    fn eq(&self, other: &Topology) -> bool {
+        self.me == other.me && self.peers == other.peers
+    }
+}
+
+impl Eq for Topology {}
 
 impl Topology {
     /// A topology that knows only us, with no connections.
@@ -102,9 +172,13 @@ impl Topology {
             },
             connections: Vec::new(),
         };
+        let digest = digest_of(me, own.version);
         Topology {
             me,
-            peers: BTreeMap::from([(me, own)]),
+            peers: BTreeMap::from([(me, Arc::new(own))]),
+            unreachable: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
+            digest,
         }
     }
 
@@ -122,12 +196,12 @@ impl Topology {
 
     /// The entry for `name`, if we know it.
     pub fn peer(&self, name: PeerName) -> Option<&Peer> {
-        self.peers.get(&name)
+        self.peers.get(&name).map(|p| &**p)
     }
 
-    /// All known peers, sorted by name.
+    /// All known peers, sorted by name (unreachable ones included until collected).
     pub fn peers(&self) -> impl Iterator<Item = &Peer> + '_ {
-        self.peers.values()
+        self.peers.values().map(|p| &**p)
     }
 
     /// Number of known peers, us included.
@@ -140,10 +214,31 @@ impl Topology {
         self.peers.is_empty()
     }
 
-    /// Everything we know, to send to a new neighbour or in periodic gossip.
+    /// Whether `name` is held but marked unreachable (waiting for collection).
+    pub fn is_unreachable(&self, name: PeerName) -> bool {
+        self.unreachable.contains_key(&name)
+    }
+
+    /// Number of collected peers whose last version we still remember.
+    pub fn tombstones(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// An 8-byte summary of the reachable entries: equal views give equal digests.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// Everything reachable we know, to send to a new neighbour or after a digest mismatch.
+    /// Unreachable entries stay local: passing them on would let them circle the mesh.
     pub fn full_state(&self) -> TopologyUpdate {
         TopologyUpdate {
-            peers: self.peers.values().cloned().collect(),
+            peers: self
+                .peers
+                .iter()
+                .filter(|(name, _)| !self.unreachable.contains_key(name))
+                .map(|(_, p)| p.clone())
+                .collect(),
         }
     }
 
@@ -155,19 +250,24 @@ impl Topology {
     ) -> Option<TopologyUpdate> {
         connections.sort();
         connections.dedup_by_key(|c| c.peer);
-        let me = self.me;
-        let own = self
-            .peers
-            .get_mut(&me)
-            .expect("invariant: our own entry is always present");
+        let own = self.own();
         if own.connections == connections {
             return None;
         }
-        own.connections = connections;
-        own.version.counter = own.version.counter.saturating_add(1);
+        let mut next = own.clone();
+        next.connections = connections;
+        next.version.counter = next.version.counter.saturating_add(1);
         Some(TopologyUpdate {
-            peers: vec![own.clone()],
+            peers: vec![self.replace_own(next)],
         })
+    }
+
+    fn replace_own(&mut self, next: Peer) -> Arc<Peer> {
+        let old = self.own().version;
+        self.digest ^= digest_of(self.me, old) ^ digest_of(self.me, next.version);
+        let next = Arc::new(next);
+        self.peers.insert(self.me, next.clone());
+        next
     }
 
     /// Merges a gossiped update; returns the entries that were new to us (the delta to pass on).
@@ -175,22 +275,39 @@ impl Topology {
     /// Per peer the higher version wins. Our own entry is never replaced: if the update holds a
     /// copy of us at least as new as ours (we restarted within one incarnation, or our clock went
     /// back), we bump our version past it and include our entry in the delta, so ours wins.
+    /// Copies no newer than a tombstone are ignored.
     pub fn apply(&mut self, update: TopologyUpdate) -> Option<TopologyUpdate> {
         let mut changed = BTreeSet::new();
         for incoming in update.peers {
+            let incoming = normalized(incoming);
             if incoming.name == self.me {
                 if self.outrank_copy_of_us(&incoming) {
                     changed.insert(self.me);
                 }
                 continue;
             }
+            // The same version may come back (a peer that was cut off without changing its
+            // entry); an older one is a stale copy.
+            if let Some((version, _)) = self.tombstones.get(&incoming.name) {
+                if incoming.version < *version {
+                    continue;
+                }
+            }
             let newer = match self.peers.get(&incoming.name) {
                 Some(held) => incoming.merge_cmp(held) == Ordering::Greater,
                 None => true,
             };
             if newer {
-                changed.insert(incoming.name);
-                self.peers.insert(incoming.name, incoming);
+                let name = incoming.name;
+                self.tombstones.remove(&name);
+                if !self.unreachable.contains_key(&name) {
+                    if let Some(old) = self.peers.get(&name) {
+                        self.digest ^= digest_of(name, old.version);
+                    }
+                    self.digest ^= digest_of(name, incoming.version);
+                }
+                changed.insert(name);
+                self.peers.insert(name, incoming);
             }
         }
         if changed.is_empty() {
@@ -207,11 +324,7 @@ impl Topology {
     /// Bumps our own version above `copy` if `copy` is at least as new and not an exact echo of
     /// our entry. Returns whether it did.
     fn outrank_copy_of_us(&mut self, copy: &Peer) -> bool {
-        let me = self.me;
-        let own = self
-            .peers
-            .get_mut(&me)
-            .expect("invariant: our own entry is always present");
+        let own = self.own();
         // An exact echo of our entry is not news; a different entry at our version, or any
         // higher version, comes from a previous life of ours and must be outranked.
         let echo = copy.version == own.version
@@ -220,20 +333,18 @@ impl Topology {
         if copy.version < own.version || echo {
             return false;
         }
-        own.version = Version {
+        let mut next = own.clone();
+        next.version = Version {
             incarnation: copy.version.incarnation,
             counter: copy.version.counter.saturating_add(1),
         };
+        self.replace_own(next);
         true
     }
 
     /// Whether `a` and `b` both announce a connection to each other.
     pub fn symmetric(&self, a: PeerName, b: PeerName) -> bool {
-        let lists = |x: PeerName, y: PeerName| {
-            self.peers
-                .get(&x)
-                .is_some_and(|p| p.connections.iter().any(|c| c.peer == y))
-        };
+        let lists = |x: PeerName, y: PeerName| self.peers.get(&x).is_some_and(|p| p.lists(y));
         lists(a, b) && lists(b, a)
     }
 
@@ -242,15 +353,11 @@ impl Topology {
         let Some(peer) = self.peers.get(&name) else {
             return Vec::new();
         };
-        let mut out: Vec<PeerName> = peer
-            .connections
+        peer.connections
             .iter()
             .map(|c| c.peer)
             .filter(|&other| other != name && self.symmetric(name, other))
-            .collect();
-        out.sort();
-        out.dedup();
-        out
+            .collect()
     }
 
     /// Peers reachable from `from` over symmetric connections, `from` included if known.
@@ -271,18 +378,54 @@ impl Topology {
         seen
     }
 
-    /// Removes peers not reachable from `me` over symmetric connections; returns their names.
-    pub fn gc(&mut self, me: PeerName) -> Vec<PeerName> {
-        let keep = self.reachable(me);
+    /// Marks every held peer for which `reachable` is false as unreachable (since `now`, if it
+    /// was not already) and clears the mark of the others. Returns whether any mark changed.
+    pub fn mark_reachable(&mut self, now: Instant, reachable: impl Fn(PeerName) -> bool) -> bool {
+        let mut changed = false;
+        let mut digest = 0;
+        for (&name, peer) in &self.peers {
+            if name == self.me || reachable(name) {
+                changed |= self.unreachable.remove(&name).is_some();
+                digest ^= digest_of(name, peer.version);
+            } else if let std::collections::btree_map::Entry::Vacant(e) =
+                self.unreachable.entry(name)
+            {
+                e.insert(now);
+                changed = true;
+            }
+        }
+        self.digest = digest;
+        changed
+    }
+
+    /// When the next unreachable peer or tombstone expires, for the caller's timer.
+    pub fn next_expiry(&self, grace: Duration) -> Option<Instant> {
+        let marks = self.unreachable.values().map(|&since| since + grace);
+        let stones = self
+            .tombstones
+            .values()
+            .map(|&(_, at)| at + tombstone_ttl(grace));
+        marks.chain(stones).min()
+    }
+
+    /// Removes peers marked unreachable for at least `grace`, remembering their last version;
+    /// forgets tombstones older than ten grace periods. Returns the removed names.
+    pub fn gc(&mut self, now: Instant, grace: Duration) -> Vec<PeerName> {
         let removed: Vec<PeerName> = self
-            .peers
-            .keys()
-            .filter(|name| !keep.contains(name) && **name != self.me)
-            .copied()
+            .unreachable
+            .iter()
+            .filter(|&(_, &since)| now.saturating_duration_since(since) >= grace)
+            .map(|(&name, _)| name)
             .collect();
         for name in &removed {
-            self.peers.remove(name);
+            self.unreachable.remove(name);
+            if let Some(peer) = self.peers.remove(name) {
+                self.tombstones.insert(*name, (peer.version, now));
+            }
         }
+        let ttl = tombstone_ttl(grace);
+        self.tombstones
+            .retain(|_, &mut (_, at)| now.saturating_duration_since(at) < ttl);
         removed
     }
 
@@ -295,6 +438,24 @@ impl Topology {
             .filter_map(|c| c.addr)
             .collect()
     }
+}
+
+/// How long a tombstone outlives its peer's collection.
+fn tombstone_ttl(grace: Duration) -> Duration {
+    grace.saturating_mul(10)
+}
+
+/// `peer` with its connection list sorted by name and without duplicates (a correct peer sends
+/// it that way; the check costs one pass, the copy happens only for a faulty sender).
+fn normalized(peer: Arc<Peer>) -> Arc<Peer> {
+    let ok = peer.connections.windows(2).all(|w| w[0].peer < w[1].peer);
+    if ok {
+        return peer;
+    }
+    let mut copy = (*peer).clone();
+    copy.connections.sort();
+    copy.connections.dedup_by_key(|c| c.peer);
+    Arc::new(copy)
 }
 
 #[cfg(test)]
@@ -326,7 +487,9 @@ mod tests {
     }
 
     fn update(peers: Vec<Peer>) -> TopologyUpdate {
-        TopologyUpdate { peers }
+        TopologyUpdate {
+            peers: peers.into_iter().map(Arc::new).collect(),
+        }
     }
 
     #[test]
@@ -391,17 +554,16 @@ mod tests {
     }
 
     #[test]
-    fn gc_removes_peers_without_symmetric_path() {
-        let mut t = Topology::new(n(1), "me".into(), 1);
-        t.set_own_connections(peer(1, 0, &[2]).connections);
-        // 2 <-> 1 symmetric; 3 claims 2 but 2 doesn't list 3; 4 is isolated.
-        t.apply(update(vec![
-            peer(2, 1, &[1]),
-            peer(3, 1, &[2]),
-            peer(4, 1, &[]),
-        ]));
-        assert_eq!(t.gc(n(1)), vec![n(3), n(4)]);
-        assert_eq!(t.peers().map(|p| p.name).collect::<Vec<_>>(), [n(1), n(2)]);
+    fn digest_tracks_reachable_entries() {
+        let mut a = Topology::new(n(1), "me".into(), 1);
+        let mut b = Topology::new(n(1), "me".into(), 1);
+        a.apply(update(vec![peer(2, 1, &[]), peer(3, 1, &[])]));
+        b.apply(update(vec![peer(3, 1, &[])]));
+        assert_ne!(a.digest(), b.digest());
+        b.apply(update(vec![peer(2, 1, &[])]));
+        assert_eq!(a.digest(), b.digest());
+        a.apply(update(vec![peer(2, 2, &[])]));
+        assert_ne!(a.digest(), b.digest());
     }
 
     fn arb_peer() -> impl Strategy<Value = Peer> {
@@ -442,7 +604,7 @@ mod tests {
             bc.apply(b.clone());
             bc.apply(c.clone());
             let bc_update = TopologyUpdate {
-                peers: bc.peers().filter(|p| p.name != n(1)).cloned().collect(),
+                peers: bc.peers().filter(|p| p.name != n(1)).cloned().map(Arc::new).collect(),
             };
             prop_assert_eq!(merged(&[&a, &b, &c]), merged(&[&a, &bc_update]));
         }

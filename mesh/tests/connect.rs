@@ -77,12 +77,36 @@ fn covered_addresses_are_not_dialed() {
 
 #[test]
 fn connection_limit_is_respected() {
+    // Discovered targets stop at the limit (2); user targets may use up to twice the limit.
     let t0 = Instant::now();
     let mut m = ConnectionMaker::new(policy(), 1);
-    m.add_user(t0, &[addr(1), addr(2), addr(3)]);
-    assert_eq!(m.poll_dials(t0, &BTreeSet::new(), 1), [addr(1)]);
-    // The others are pushed into the future instead of staying due.
+    m.set_discovered(t0, &BTreeSet::from([addr(7), addr(8)]));
+    assert_eq!(m.poll_dials(t0, &BTreeSet::new(), 1), [addr(7)]);
+    // The other is pushed into the future instead of staying due.
     assert!(m.next_timeout(&BTreeSet::new()) > Some(t0));
+    m.add_user(t0, &[addr(1), addr(2), addr(3)]);
+    assert_eq!(m.poll_dials(t0, &BTreeSet::new(), 1), [addr(1), addr(2)]);
+    assert_eq!(m.connecting(), 3);
+}
+
+#[test]
+fn a_discovered_address_given_up_stays_dropped_while_announced() {
+    let t0 = Instant::now();
+    let mut m = ConnectionMaker::new(policy(), 1);
+    let announced = BTreeSet::from([addr(5)]);
+    m.set_discovered(t0, &announced);
+    let mut now = t0;
+    for _ in 0..3 {
+        assert_eq!(m.poll_dials(now, &BTreeSet::new(), 0), [addr(5)]);
+        m.dial_failed(now, addr(5), "timeout".into());
+        now += Duration::from_secs(120);
+    }
+    m.set_discovered(now, &announced);
+    assert!(m.status(&BTreeSet::new()).is_empty());
+    // Once nobody announces it, a later announcement is a fresh start.
+    m.set_discovered(now, &BTreeSet::new());
+    m.set_discovered(now, &announced);
+    assert_eq!(m.discovered(), announced);
 }
 
 #[test]

@@ -93,7 +93,7 @@ impl Net {
             for i in 0..self.nodes.len() {
                 while let Some(t) = self.nodes[i].router.poll_transmit() {
                     if let Some(&(far, far_conn)) = self.links.get(&(i, t.conn)) {
-                        self.in_flight.push_back((far, far_conn, t.bytes));
+                        self.in_flight.push_back((far, far_conn, t.encode()));
                     }
                     moved = true;
                 }
@@ -335,9 +335,9 @@ fn line_of_three_routes_through_the_middle() {
     assert_eq!(net.next_hop(B, A), Some(A));
     assert_eq!(net.next_hop(B, C), Some(C));
     // A broadcast from A goes A -> B -> C.
-    assert_eq!(net.router(A).routes().broadcast[&name_of(A)], [name_of(B)]);
-    assert_eq!(net.router(B).routes().broadcast[&name_of(A)], [name_of(C)]);
-    assert!(net.router(C).routes().broadcast[&name_of(A)].is_empty());
+    assert_eq!(net.router(A).broadcast_all()[&name_of(A)], [name_of(B)]);
+    assert_eq!(net.router(B).broadcast_all()[&name_of(A)], [name_of(C)]);
+    assert!(net.router(C).broadcast_all()[&name_of(A)].is_empty());
     // Still stable after some periodic gossip.
     net.advance(Duration::from_secs(60));
     net.assert_converged();
@@ -386,12 +386,15 @@ fn partition_heals_and_routes_converge() {
     assert_eq!(net.next_hop(A, D), Some(B));
 
     net.partition(&[A, B], &[C, D]);
-    assert_eq!(net.known_peers(A), [A, B]);
-    assert_eq!(net.known_peers(D), [C, D]);
+    // The far side is unreachable at once (no routes), and collected after the grace period.
+    assert!(net.router(A).topology().is_unreachable(name_of(D)));
+    assert!(net.router(D).topology().is_unreachable(name_of(A)));
     assert_eq!(net.next_hop(A, C), None);
     assert_eq!(net.next_hop(D, B), None);
     // B keeps trying C while the partition lasts, backing off.
     net.advance(Duration::from_secs(30));
+    assert_eq!(net.known_peers(A), [A, B]);
+    assert_eq!(net.known_peers(D), [C, D]);
     let target = net.router(B).targets()[0].clone();
     assert!(target.attempts >= 2, "{target:?}");
     assert_eq!(target.last_error.as_deref(), Some("no route to host"));
@@ -536,4 +539,69 @@ fn restart_within_one_incarnation_still_wins() {
         .expect("A knows C");
     assert!(new.version > old);
     assert_eq!(new.connections.len(), 2, "C's fresh entry: {new:?}");
+}
+
+// Topology collection after the grace period; here because it needs a real `Instant`.
+mod topology_gc {
+    use super::*;
+    use mesh::{ConnectionInfo, Peer, Topology, TopologyUpdate, Version};
+    use std::sync::Arc;
+
+    fn n(x: u64) -> PeerName {
+        PeerName(x)
+    }
+
+    fn peer(name: u64, counter: u64, conns: &[u64]) -> Peer {
+        Peer {
+            name: n(name),
+            nickname: format!("p{name}"),
+            version: Version {
+                incarnation: 1,
+                counter,
+            },
+            connections: conns
+                .iter()
+                .map(|&c| ConnectionInfo {
+                    peer: n(c),
+                    addr: None,
+                    outbound: name < c,
+                })
+                .collect(),
+        }
+    }
+
+    fn update(peers: Vec<Peer>) -> TopologyUpdate {
+        TopologyUpdate {
+            peers: peers.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    #[test]
+    fn unreachable_peers_are_marked_then_collected_after_grace_and_stay_dead() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(30);
+        let mut t = Topology::new(n(1), "me".into(), 1);
+        t.set_own_connections(peer(1, 0, &[2]).connections);
+        // 2 <-> 1 symmetric; 3 claims 2 but 2 doesn't list 3; 4 is isolated.
+        t.apply(update(vec![
+            peer(2, 1, &[1]),
+            peer(3, 1, &[2]),
+            peer(4, 1, &[]),
+        ]));
+        let reach = t.reachable(n(1));
+        assert!(t.mark_reachable(t0, |p| reach.contains(&p)));
+        assert!(t.is_unreachable(n(3)) && t.is_unreachable(n(4)));
+        assert_eq!(
+            t.full_state().peers.len(),
+            2,
+            "unreachable entries stay local"
+        );
+        assert_eq!(t.gc(t0 + grace / 2, grace), Vec::<PeerName>::new());
+        assert_eq!(t.next_expiry(grace), Some(t0 + grace));
+        assert_eq!(t.gc(t0 + grace, grace), vec![n(3), n(4)]);
+        assert_eq!(t.peers().map(|p| p.name).collect::<Vec<_>>(), [n(1), n(2)]);
+        // A stale copy can't resurrect a collected peer; the same or a newer version can.
+        assert_eq!(t.apply(update(vec![peer(3, 0, &[2])])), None);
+        assert!(t.apply(update(vec![peer(3, 1, &[2])])).is_some());
+    }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context, Result};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::{Method, Request};
+use hyper::{Method, Request, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -21,10 +21,30 @@ pub(crate) async fn call<B: Serialize, R: DeserializeOwned>(
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| not_running(socket, e))?;
+    let (status, body) = request(stream, method, path, body)
+        .await
+        .with_context(|| format!("request {path} from the router at {}", socket.display()))?;
+    if !status.is_success() {
+        let text = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        return Err(anyhow!("{text}"));
+    }
+    serde_json::from_slice(&body).with_context(|| format!("decode the router's answer to {path}"))
+}
+
+/// One HTTP/1.1 request with an optional JSON body on a connected Unix stream; returns the status
+/// and the whole answer body. Shared by the router client and the Docker Engine client.
+pub(crate) async fn request<B: Serialize>(
+    stream: tokio::net::UnixStream,
+    method: Method,
+    path: &str,
+    body: Option<&B>,
+) -> Result<(StatusCode, Bytes)> {
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
-            .with_context(|| format!("talk to the router at {}", socket.display()))?;
+            .context("HTTP handshake")?;
     tokio::spawn(conn);
     let bytes = match body {
         Some(b) => serde_json::to_vec(b).context("encode request")?,
@@ -33,28 +53,19 @@ pub(crate) async fn call<B: Serialize, R: DeserializeOwned>(
     let request = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "meshctl")
+        .header("host", "localhost")
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(bytes)))
         .context("build request")?;
-    let response = sender
-        .send_request(request)
-        .await
-        .with_context(|| format!("request {path} from the router"))?;
+    let response = sender.send_request(request).await.context("send request")?;
     let status = response.status();
     let body = response
         .into_body()
         .collect()
         .await
-        .context("read the router's answer")?
+        .context("read the answer")?
         .to_bytes();
-    if !status.is_success() {
-        let text = serde_json::from_slice::<ErrorBody>(&body)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-        return Err(anyhow!("{text}"));
-    }
-    serde_json::from_slice(&body).with_context(|| format!("decode the router's answer to {path}"))
+    Ok((status, body))
 }
 
 fn not_running(socket: &Path, e: std::io::Error) -> anyhow::Error {

@@ -15,8 +15,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::{mpsc, oneshot};
 
-use super::types::{AttachRequest, AttachResponse, DetachRequest, ErrorBody, PeersRequest, Status};
+use super::types::{
+    AttachRequest, AttachResponse, DetachRequest, ErrorBody, ExposeRequest, ExposeResponse,
+    PeersRequest, Status,
+};
 use crate::kernel::attach::{self, AttachSpec};
+use crate::kernel::firewall::masquerade;
 use crate::kernel::netlink::Netlink;
 
 /// A request for the control loop.
@@ -48,6 +52,8 @@ pub(crate) async fn serve(
         .route("/stop", post(stop))
         .route("/attach", post(attach_container))
         .route("/detach", post(detach_container))
+        .route("/expose", post(expose))
+        .route("/hide", post(hide))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -160,6 +166,117 @@ async fn detach_container(
     Ok(Json(()))
 }
 
+/// Gives the host an address on the mesh bridge and masquerades the subnet's outbound traffic.
+async fn expose(
+    State(state): State<ApiState>,
+    Json(req): Json<ExposeRequest>,
+) -> Result<Json<ExposeResponse>, ApiError> {
+    let cidr = req
+        .cidr
+        .ok_or_else(|| bad_request("expose needs an address with prefix, e.g. 10.32.0.254/12"))?;
+    let (addr, prefix) = parse_cidr(&cidr).map_err(bad_request)?;
+    state
+        .netlink
+        .add_address(&state.bridge, addr, prefix)
+        .await
+        .map_err(internal)?;
+    set_masquerade(&state, addr, prefix, true).await?;
+    bridge_addresses(&state).await
+}
+
+/// Removes the host's address(es) from the mesh bridge and their masquerading rules.
+async fn hide(
+    State(state): State<ApiState>,
+    Json(req): Json<ExposeRequest>,
+) -> Result<Json<ExposeResponse>, ApiError> {
+    let current = state
+        .netlink
+        .addresses(&state.bridge)
+        .await
+        .map_err(internal)?;
+    let chosen: Vec<(std::net::IpAddr, u8)> = match &req.cidr {
+        Some(cidr) => {
+            let wanted = parse_cidr(cidr).map_err(bad_request)?;
+            if !current.contains(&wanted) {
+                return Err(bad_request(format!(
+                    "{cidr} is not exposed on bridge {}",
+                    state.bridge
+                )));
+            }
+            vec![wanted]
+        }
+        None => current
+            .into_iter()
+            .filter(|(a, _)| !is_link_local(a))
+            .collect(),
+    };
+    for (addr, prefix) in chosen {
+        state
+            .netlink
+            .del_address(&state.bridge, addr, prefix)
+            .await
+            .map_err(internal)?;
+        set_masquerade(&state, addr, prefix, false).await?;
+    }
+    bridge_addresses(&state).await
+}
+
+/// Adds or removes the masquerading rule for the subnet of `addr/prefix` (runs iptables off the runtime).
+async fn set_masquerade(
+    state: &ApiState,
+    addr: std::net::IpAddr,
+    prefix: u8,
+    add: bool,
+) -> Result<(), ApiError> {
+    let (net, bridge) = (network(addr, prefix), state.bridge.clone());
+    tokio::task::spawn_blocking(move || masquerade(&net, addr.is_ipv6(), &bridge, add))
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
+}
+
+async fn bridge_addresses(state: &ApiState) -> Result<Json<ExposeResponse>, ApiError> {
+    let addresses = state
+        .netlink
+        .addresses(&state.bridge)
+        .await
+        .map_err(internal)?;
+    Ok(Json(ExposeResponse {
+        addresses: addresses
+            .iter()
+            .filter(|(a, _)| !is_link_local(a))
+            .map(|(a, p)| format!("{a}/{p}"))
+            .collect(),
+    }))
+}
+
+fn is_link_local(addr: &std::net::IpAddr) -> bool {
+    match addr {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}
+
+/// `addr/prefix` with the host bits cleared, as `NET/PREFIX`.
+pub(crate) fn network(addr: std::net::IpAddr, prefix: u8) -> String {
+    match addr {
+        std::net::IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            format!(
+                "{}/{prefix}",
+                std::net::Ipv4Addr::from(u32::from(v4) & mask)
+            )
+        }
+        std::net::IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            format!(
+                "{}/{prefix}",
+                std::net::Ipv6Addr::from(u128::from(v6) & mask)
+            )
+        }
+    }
+}
+
 /// Parses `ADDR/PREFIX`, naming what is wrong.
 pub(crate) fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
     let (addr, prefix) = s
@@ -186,6 +303,17 @@ pub(crate) fn format_mac(mac: &[u8; 6]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_clears_host_bits() {
+        assert_eq!(network("10.32.1.254".parse().unwrap(), 12), "10.32.0.0/12");
+        assert_eq!(
+            network("10.32.1.254".parse().unwrap(), 32),
+            "10.32.1.254/32"
+        );
+        assert_eq!(network("10.32.1.254".parse().unwrap(), 0), "0.0.0.0/0");
+        assert_eq!(network("fd00::1:5".parse().unwrap(), 64), "fd00::/64");
+    }
 
     #[test]
     fn cidrs_parse_and_errors_name_the_problem() {

@@ -31,14 +31,18 @@ pub(crate) struct PeerStatus {
     pub(crate) reachable: bool,
     /// The neighbour traffic to it goes through (itself when directly connected).
     pub(crate) next_hop: Option<String>,
-    /// `sleeve` (userspace UDP) while reachable.
+    /// `vxlan` (kernel fast path) or `sleeve` (userspace UDP) while reachable.
     pub(crate) overlay: Option<String>,
-    /// Why that overlay, or why none.
+    /// Why that overlay (empty for `vxlan`), or why none: `encryption required`, `fast path
+    /// disabled`, `vxlan probe lost since 12:03:04 UTC`, ...
     pub(crate) overlay_reason: String,
     /// The cipher of the sleeve session to the next hop (`none` without a password); absent
     /// while unreachable.
     #[serde(default)]
     pub(crate) cipher: Option<String>,
+    /// The container MTU the path to it carries, while reachable.
+    #[serde(default)]
+    pub(crate) mtu: Option<u32>,
     /// How many connections it announces.
     pub(crate) connections: usize,
 }
@@ -108,4 +112,17 @@ pub(crate) struct DetachRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ErrorBody {
     pub(crate) error: String,
+}
+
+/// `POST /expose` and `POST /hide`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ExposeRequest {
+    /// The host's address on the mesh with prefix, e.g. `10.32.0.254/12`; for hide, None means all.
+    pub(crate) cidr: Option<String>,
+}
+
+/// Answer to `POST /expose` and `POST /hide`: the host's addresses on the bridge afterwards.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ExposeResponse {
+    pub(crate) addresses: Vec<String>,
 }

@@ -1,4 +1,5 @@
-//! `meshctl attach` and `meshctl detach`.
+//! `meshctl attach` and `meshctl detach`. A container is a named netns, a PID, a netns path, or a
+//! Docker container name or id (found through the Docker Engine API).
 
 use std::process::ExitCode;
 
@@ -7,7 +8,9 @@ use hyper::Method;
 
 use super::Paths;
 use crate::api::client::call;
-use crate::api::types::{AttachRequest, AttachResponse, DetachRequest};
+use crate::api::types::{
+    AttachRequest, AttachResponse, DetachRequest, ExposeRequest, ExposeResponse,
+};
 use crate::kernel::netns;
 
 pub(super) async fn attach(
@@ -19,7 +22,7 @@ pub(super) async fn attach(
     for ip in &ips {
         crate::api::server::parse_cidr(ip).map_err(|e| anyhow::anyhow!(e))?;
     }
-    let netns = netns::resolve(target)?;
+    let (netns, label) = resolve(target).await?;
     let req = AttachRequest {
         netns: netns.display().to_string(),
         ifname,
@@ -27,7 +30,7 @@ pub(super) async fn attach(
     };
     let r: AttachResponse = call(&paths.socket, Method::POST, "/attach", Some(&req)).await?;
     println!(
-        "attached {target}: {} {} {} (host side {})",
+        "attached {label}: {} {} {} (host side {})",
         r.ifname,
         r.mac,
         r.ips.join(" "),
@@ -37,12 +40,50 @@ pub(super) async fn attach(
 }
 
 pub(super) async fn detach(paths: &Paths, target: &str, ifname: String) -> Result<ExitCode> {
-    let netns = netns::resolve(target)?;
+    let (netns, label) = resolve(target).await?;
     let req = DetachRequest {
         netns: netns.display().to_string(),
         ifname,
     };
     call::<_, ()>(&paths.socket, Method::POST, "/detach", Some(&req)).await?;
-    println!("detached {target}");
+    println!("detached {label}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A named netns, a PID or a path first; otherwise a Docker container name or id. Returns the netns
+/// path and how to name the container to the user.
+async fn resolve(target: &str) -> Result<(std::path::PathBuf, String)> {
+    match netns::resolve(target) {
+        Ok(path) => Ok((path, target.to_string())),
+        Err(e) if target.starts_with('/') || target.bytes().all(|b| b.is_ascii_digit()) => Err(e),
+        Err(_) => {
+            let c = crate::plugin::engine::find(target).await?;
+            let short: String = c.id.chars().take(12).collect();
+            Ok((c.netns, format!("container {} ({short})", c.name)))
+        }
+    }
+}
+
+/// `meshctl expose CIDR` (`add`) and `meshctl hide [CIDR]`.
+pub(super) async fn expose(paths: &Paths, cidr: Option<String>, add: bool) -> Result<ExitCode> {
+    if let Some(c) = &cidr {
+        crate::api::server::parse_cidr(c).map_err(|e| anyhow::anyhow!(e))?;
+    }
+    let path = if add { "/expose" } else { "/hide" };
+    let r: ExposeResponse = call(
+        &paths.socket,
+        Method::POST,
+        path,
+        Some(&ExposeRequest { cidr }),
+    )
+    .await?;
+    if r.addresses.is_empty() {
+        println!("this host has no address on the mesh");
+    } else {
+        println!(
+            "this host's address on the mesh: {}",
+            r.addresses.join(", ")
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// Default state directory when `--state-dir` is not given.
 pub(crate) const STATE_DIR_DEFAULT: &str = "/var/lib/meshctl";
@@ -83,6 +83,25 @@ pub(crate) enum Command {
         #[arg(long, default_value = "eth0")]
         ifname: String,
     },
+    /// Give this host an address on the mesh, so it can reach containers (and they it); traffic from
+    /// the mesh subnet that leaves through the host is masqueraded.
+    Expose {
+        /// The host's address with prefix, e.g. 10.32.0.254/12.
+        #[arg(value_name = "CIDR")]
+        cidr: String,
+    },
+    /// Remove the host's address(es) on the mesh added by `expose` (all of them without CIDR).
+    Hide {
+        #[arg(value_name = "CIDR")]
+        cidr: Option<String>,
+    },
+    /// Print a shell completion script (e.g. `meshctl completions bash > /etc/bash_completion.d/meshctl`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page in roff (e.g. `meshctl man > /usr/share/man/man1/meshctl.1`).
+    Man,
     /// Remove a container's mesh interface added by `meshctl attach`.
     Detach {
         /// The same NETNS|PID given to attach.
@@ -110,7 +129,7 @@ pub(crate) struct LaunchArgs {
     /// Human name of this router in status output [default: the host name].
     #[arg(long)]
     pub(crate) nickname: Option<String>,
-    /// UDP port for control connections (QUIC); the sleeve data plane uses PORT+1.
+    /// UDP port for control connections (QUIC); the sleeve uses PORT+1, VXLAN PORT+2.
     #[arg(long, default_value_t = PORT_DEFAULT)]
     pub(crate) port: u16,
     /// Name of the Linux bridge containers attach to (at most 10 characters).
@@ -126,6 +145,20 @@ pub(crate) struct LaunchArgs {
     /// used with peers where both CPUs have AES instructions, ChaCha20-Poly1305 otherwise.
     #[arg(long, value_parser = parse_cipher)]
     pub(crate) cipher: Option<crate::dataplane::sleeve::crypto::Cipher>,
+    /// Where to serve Prometheus metrics (`GET /metrics`).
+    #[arg(long, default_value = "127.0.0.1:6782", value_name = "ADDR:PORT")]
+    pub(crate) metrics_addr: std::net::SocketAddr,
+    /// Serve no metrics.
+    #[arg(long)]
+    pub(crate) no_metrics: bool,
+    /// Never use the kernel VXLAN fast path (UDP PORT+2); carry everything over the sleeve.
+    #[arg(long)]
+    pub(crate) no_fastpath: bool,
+    /// Underlay subnets (CIDR, comma-separated or repeated) whose hosts trust each other's
+    /// network: between two addresses inside them, traffic may skip encryption and take the
+    /// VXLAN fast path even with a password.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub(crate) trusted_subnets: Vec<ipnet::IpNet>,
 }
 
 fn parse_cipher(s: &str) -> Result<crate::dataplane::sleeve::crypto::Cipher, String> {
@@ -162,6 +195,22 @@ pub(crate) fn main() -> ExitCode {
     let result = match cli.command {
         Command::Launch(args) if args.foreground => crate::daemon::run_foreground(args, paths),
         Command::Launch(args) => launch::run_background(&args, &paths),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "meshctl",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::BrokenPipe => Ok(()),
+                _ => Err(anyhow::anyhow!("write the manual page: {e}")),
+            })
+            .map(|_| ExitCode::SUCCESS),
         command => runtime().and_then(|rt| rt.block_on(dispatch(command, &paths))),
     };
     match result {
@@ -181,7 +230,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn dispatch(command: Command, paths: &Paths) -> Result<ExitCode> {
     match command {
-        Command::Launch(_) => unreachable!("launch is handled before the runtime starts"),
+        Command::Launch(_) | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::Connect { peers } => peers::connect(paths, peers).await,
         Command::Forget { peers } => peers::forget(paths, peers).await,
         Command::Stop => peers::stop(paths).await,
@@ -192,6 +243,8 @@ async fn dispatch(command: Command, paths: &Paths) -> Result<ExitCode> {
             ifname,
         } => attach::attach(paths, &target, ips, ifname).await,
         Command::Detach { target, ifname } => attach::detach(paths, &target, ifname).await,
+        Command::Expose { cidr } => attach::expose(paths, Some(cidr), true).await,
+        Command::Hide { cidr } => attach::expose(paths, cidr, false).await,
     }
 }
 
@@ -219,11 +272,31 @@ pub(crate) fn split_host_port(spec: &str) -> Result<(String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn man_page_and_completions_are_generated_from_the_definition() {
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(
+            man.contains(".TH meshctl") && man.contains("launch"),
+            "{man}"
+        );
+        let mut bash = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "meshctl",
+            &mut bash,
+        );
+        assert!(String::from_utf8(bash).unwrap().contains("attach"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub(super) async fn run(paths: &Paths, json: bool) -> Result<ExitCode> {
 
 fn render(s: &Status) -> String {
     let mut out = format!(
-        "Router {} ({}), meshctl {}\n  encryption: {}\n  control port {}, sleeve port {}, bridge {}, mtu {}\n\n",
+        "Router {} ({}), meshctl {}\n  encryption: {}\n  control port {}, sleeve port {}, vxlan port {}, bridge {}, mtu {}\n\n",
         s.name,
         s.nickname,
         s.version,
@@ -32,6 +32,7 @@ fn render(s: &Status) -> String {
         },
         s.port,
         u32::from(s.port) + 1,
+        u32::from(s.port) + 2,
         s.bridge,
         s.mtu
     );
@@ -52,15 +53,19 @@ fn render(s: &Status) -> String {
                 .to_string(),
                 p.next_hop.clone().unwrap_or_else(dash),
                 match &p.overlay {
+                    Some(o) if p.overlay_reason.is_empty() => o.clone(),
                     Some(o) => format!("{o}: {}", p.overlay_reason),
                     None => p.overlay_reason.clone(),
                 },
+                p.mtu.map_or_else(dash, |m| m.to_string()),
                 p.cipher.clone().unwrap_or_else(dash),
             ]
         })
         .collect();
     out.push_str(&table(
-        &["NAME", "NICKNAME", "STATE", "NEXT HOP", "OVERLAY", "CIPHER"],
+        &[
+            "NAME", "NICKNAME", "STATE", "NEXT HOP", "OVERLAY", "MTU", "CIPHER",
+        ],
         &rows,
     ));
     out.push_str(&format!("\nConnections ({}):\n", s.connections.len()));

@@ -8,12 +8,16 @@
 //!
 //! Each QUIC connection gets a reader task (frames -> [`Input::Message`]) and a writer task (an unbounded
 //! queue -> frames); dials and accepts run the password handshake in their own tasks.
+//!
+//! The fast path: every [`PROBE_INTERVAL`] it probes the VXLAN path to each candidate peer (through
+//! the prober task in `dataplane::vxlan`), answers the peers' probes, and feeds the answers to
+//! `dataplane::overlay`, whose choice decides `ForwardingTable::vxlan`.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
 use mesh::{ConnId, Event, Identity, PeerName, Router, RouterConfig, TargetState};
@@ -22,9 +26,11 @@ use tokio::sync::{mpsc, watch};
 use crate::api::server::Call;
 use crate::api::types::{ConnectionStatus, PeerStatus, SleeveStatus, Status};
 use crate::dataplane::forwarding::{ForwardingTable, SessionParams};
+use crate::dataplane::overlay::{self, Choice, PeerFacts, ProbeState, PROBE_INTERVAL};
 use crate::dataplane::sleeve::crypto::{derive_keys, Cipher};
 use crate::dataplane::sleeve::Counters;
-use crate::transport::handshake::{self, HandshakeError, Hello, HelloExt};
+use crate::dataplane::vxlan::{self, Probe, ProbeEvent, ProbeSend};
+use crate::transport::handshake::{self, HandshakeError, Hello, HelloExt, VxlanHello};
 use crate::transport::quic::SERVER_NAME;
 
 /// How long a dial or an accepted connection may take to finish the handshake.
@@ -48,6 +54,17 @@ pub(super) struct Settings {
     pub(super) endpoint: quinn::Endpoint,
     pub(super) table: watch::Sender<Arc<ForwardingTable>>,
     pub(super) counters: Arc<Counters>,
+    /// The kernel fast path; `None` with `--no-fastpath`.
+    pub(super) fastpath: Option<FastPath>,
+    /// `--trusted-subnets`: traffic between two addresses inside these needs no encryption.
+    pub(super) trusted_subnets: Vec<ipnet::IpNet>,
+}
+
+/// The fast path's device and the channels to its prober task.
+pub(super) struct FastPath {
+    pub(super) device: vxlan::Device,
+    pub(super) probes: mpsc::UnboundedSender<ProbeSend>,
+    pub(super) events: mpsc::UnboundedReceiver<ProbeEvent>,
 }
 
 /// What connection tasks report to the loop.
@@ -88,6 +105,7 @@ struct Local {
     nickname: String,
     password: Option<String>,
     data_port: u16,
+    vxlan: Option<VxlanHello>,
     /// Source of unique sleeve receiver indices.
     next_index: AtomicU32,
     /// What our sleeve can do, sent in every `Hello`.
@@ -103,6 +121,7 @@ impl Local {
             data_port: self.data_port,
             session_index: self.next_index.fetch_add(1, Ordering::Relaxed),
             ext: self.ext.clone(),
+            vxlan: self.vxlan,
         }
     }
 }
@@ -115,6 +134,10 @@ struct Conn {
     connection: quinn::Connection,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     session: Arc<SessionParams>,
+    /// What the peer offers for the fast path.
+    vxlan: Option<VxlanHello>,
+    /// Our address on this connection, for `--trusted-subnets`.
+    local_ip: Option<IpAddr>,
 }
 
 struct Refusal {
@@ -134,10 +157,15 @@ pub(super) struct Control {
     inputs_tx: mpsc::UnboundedSender<Input>,
     inputs_rx: mpsc::UnboundedReceiver<Input>,
     table_dirty: bool,
+    /// Probe history per fast-path candidate.
+    probes: HashMap<PeerName, ProbeState>,
+    /// The overlay chosen for every known peer at the last evaluation.
+    choices: BTreeMap<PeerName, Choice>,
+    probe_events: Option<mpsc::UnboundedReceiver<ProbeEvent>>,
 }
 
 impl Control {
-    pub(super) fn new(settings: Settings) -> Control {
+    pub(super) fn new(mut settings: Settings) -> Control {
         let now = Instant::now();
         let name = settings.identity.name();
         let config = RouterConfig {
@@ -152,6 +180,11 @@ impl Control {
             nickname: settings.nickname.clone(),
             password: settings.password.clone(),
             data_port: settings.port + 1,
+            vxlan: settings.fastpath.as_ref().map(|f| VxlanHello {
+                port: f.device.port,
+                vni: vxlan::VNI,
+                mac: f.device.mac,
+            }),
             next_index: AtomicU32::new(random_u64() as u32),
             ext: HelloExt {
                 offload: true,
@@ -160,6 +193,10 @@ impl Control {
             },
         });
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
+        let probe_events = settings.fastpath.as_mut().map(|f| {
+            let (_, closed) = mpsc::unbounded_channel();
+            std::mem::replace(&mut f.events, closed)
+        });
         Control {
             router,
             local,
@@ -171,6 +208,9 @@ impl Control {
             inputs_tx,
             inputs_rx,
             table_dirty: true,
+            probes: HashMap::new(),
+            choices: BTreeMap::new(),
+            probe_events,
         }
     }
 
@@ -190,6 +230,9 @@ impl Control {
         ));
         self.router.add_targets(Instant::now(), &targets);
         self.drain();
+        let mut probe_tick = tokio::time::interval(PROBE_INTERVAL);
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe_events = self.probe_events.take();
         loop {
             let deadline = self
                 .router
@@ -208,6 +251,8 @@ impl Control {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => self.router.handle_timeout(Instant::now()),
+                _ = probe_tick.tick() => self.probe_round(Instant::now()),
+                Some(event) = next_probe_event(&mut probe_events) => self.handle_probe(Instant::now(), event),
                 _ = sigterm.recv() => { tracing::info!("stopping: SIGTERM"); break; }
                 _ = sigint.recv() => { tracing::info!("stopping: SIGINT"); break; }
             }
@@ -303,6 +348,13 @@ impl Control {
             ),
             offload: remote.ext.offload,
         });
+        // quinn knows the local address only from packet info, which dialed connections may
+        // lack; the route to the peer names it as well.
+        let local_ip = new.connection.local_ip().or_else(|| {
+            let probe = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+            probe.connect(new.connection.remote_address()).ok()?;
+            probe.local_addr().ok().map(|a| a.ip())
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(new.send, rx));
         tokio::spawn(reader(
@@ -325,6 +377,8 @@ impl Control {
                 connection: new.connection,
                 tx,
                 session,
+                vxlan: remote.vxlan,
+                local_ip,
             },
         );
         self.table_dirty = true;
@@ -366,7 +420,7 @@ impl Control {
             while let Some(t) = self.router.poll_transmit() {
                 progress = true;
                 if let Some(c) = self.conns.get(&t.conn) {
-                    let _ = c.tx.send(t.bytes);
+                    let _ = c.tx.send(t.encode());
                 }
             }
             while let Some(event) = self.router.poll_event() {
@@ -384,6 +438,179 @@ impl Control {
                 break;
             }
         }
+        if self.table_dirty {
+            // Routes or connections changed: who may be on VXLAN may have changed too.
+            self.evaluate_overlays(Instant::now());
+            self.table_dirty = false;
+            self.publish_table();
+        }
+    }
+
+    /// A live connection to `peer`, if any.
+    fn conn_to(&self, peer: PeerName) -> Option<&Conn> {
+        let live: HashSet<ConnId> = self.router.connections().iter().map(|c| c.conn).collect();
+        self.conns
+            .iter()
+            .find(|(id, c)| c.peer == peer && live.contains(id))
+            .map(|(_, c)| c)
+    }
+
+    /// Whether traffic with the peer behind `conn` must be encrypted.
+    fn encryption_required(&self, conn: &Conn) -> bool {
+        if self.local.password.is_none() {
+            return false;
+        }
+        let trusted = |ip: IpAddr| {
+            self.settings
+                .trusted_subnets
+                .iter()
+                .any(|net| net.contains(&ip))
+        };
+        !(conn.local_ip.is_some_and(trusted) && trusted(conn.session.remote_addr.ip()))
+    }
+
+    /// The facts about `peer` that do not come from probes.
+    fn facts(&self, peer: PeerName) -> PeerFacts {
+        let routes = self.router.routes();
+        let me = self.local.name;
+        let conn = self.conn_to(peer);
+        let direct = conn.is_some()
+            && routes.unicast.get(&peer) == Some(&peer)
+            && mesh::routes::broadcast(self.router.topology(), me, me).contains(&peer);
+        PeerFacts {
+            fastpath: self.settings.fastpath.is_some(),
+            encryption_required: conn.is_some_and(|c| self.encryption_required(c))
+                || (conn.is_none() && self.local.password.is_some()),
+            direct,
+            supports_vxlan: conn
+                .and_then(|c| c.vxlan)
+                .is_some_and(|v| v.vni == vxlan::VNI)
+                && conn.is_some_and(|c| c.session.remote_addr.is_ipv4()),
+            path: None,
+        }
+    }
+
+    /// Recomputes the overlay of every peer; marks the table dirty if the VXLAN set changed.
+    fn evaluate_overlays(&mut self, now: Instant) {
+        let me = self.local.name;
+        let peers: Vec<PeerName> = self
+            .router
+            .topology()
+            .peers()
+            .map(|p| p.name)
+            .filter(|p| *p != me)
+            .collect();
+        let mut choices = BTreeMap::new();
+        for peer in peers {
+            let mut facts = self.facts(peer);
+            if overlay::wants_probes(&facts) {
+                facts.path = self.probes.get_mut(&peer).map(|p| p.evaluate(now));
+            } else {
+                self.probes.remove(&peer);
+            }
+            choices.insert(peer, overlay::choose(&facts));
+        }
+        self.probes.retain(|p, _| choices.contains_key(p));
+        let on_vxlan = |c: &BTreeMap<PeerName, Choice>| -> Vec<PeerName> {
+            c.iter()
+                .filter(|(_, c)| **c == Choice::Vxlan)
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        if on_vxlan(&choices) != on_vxlan(&self.choices) {
+            self.table_dirty = true;
+        }
+        self.choices = choices;
+    }
+
+    /// Sends this round's probes (full MTU and small) to every candidate, then re-evaluates.
+    fn probe_round(&mut self, now: Instant) {
+        let Some(fast) = &self.settings.fastpath else {
+            return;
+        };
+        let peers: Vec<PeerName> = self.choices.keys().copied().collect();
+        for peer in peers {
+            let facts = self.facts(peer);
+            if !overlay::wants_probes(&facts) {
+                continue;
+            }
+            let Some((to, dst_mac)) = self.conn_to(peer).and_then(vxlan_endpoint) else {
+                continue;
+            };
+            let state = self
+                .probes
+                .entry(peer)
+                .or_insert_with(|| ProbeState::new(now));
+            for (full, frame_len) in [
+                (true, self.settings.mtu as usize + 14),
+                (false, vxlan::SMALL_PROBE_FRAME),
+            ] {
+                let probe = Probe {
+                    answer: false,
+                    declined: false,
+                    full,
+                    from: self.local.name,
+                    seq: state.next_seq(),
+                    reply_mac: fast.device.mac,
+                };
+                let _ = fast.probes.send(ProbeSend {
+                    to,
+                    dst_mac,
+                    probe,
+                    frame_len,
+                });
+            }
+        }
+        self.evaluate_overlays(now);
+        if self.table_dirty {
+            self.table_dirty = false;
+            self.publish_table();
+        }
+    }
+
+    /// Answers a peer's probe, or records the answer to one of ours.
+    fn handle_probe(&mut self, now: Instant, event: ProbeEvent) {
+        let ProbeEvent::Received(probe) = event;
+        let Some(fast) = &self.settings.fastpath else {
+            return;
+        };
+        if !probe.answer {
+            let Some((to, _)) = self.conn_to(probe.from).and_then(vxlan_endpoint) else {
+                return;
+            };
+            // Answer only where our own policy allows VXLAN with the prober: trust must be
+            // mutual, so a peer that trusts our subnet can't put plaintext on our wire alone.
+            let facts = self.facts(probe.from);
+            let declined = facts.encryption_required;
+            if !declined && !overlay::wants_probes(&facts) {
+                return;
+            }
+            let frame_len = if probe.full && !declined {
+                self.settings.mtu as usize + 14
+            } else {
+                vxlan::SMALL_PROBE_FRAME
+            };
+            let _ = fast.probes.send(ProbeSend {
+                to,
+                dst_mac: probe.reply_mac,
+                probe: Probe {
+                    answer: true,
+                    declined,
+                    full: probe.full,
+                    from: self.local.name,
+                    seq: probe.seq,
+                    reply_mac: fast.device.mac,
+                },
+                frame_len,
+            });
+            return;
+        }
+        match self.probes.get_mut(&probe.from) {
+            Some(state) if state.sent(probe.seq) && probe.declined => state.on_declined(now),
+            Some(state) if state.sent(probe.seq) => state.on_answer(now, probe.full),
+            _ => return,
+        }
+        self.evaluate_overlays(now);
         if self.table_dirty {
             self.table_dirty = false;
             self.publish_table();
@@ -406,12 +633,22 @@ impl Control {
             .filter(|(id, _)| live.contains(id))
             .map(|(_, c)| (c.peer, c.session.clone()))
             .collect();
+        let vxlan = self
+            .choices
+            .iter()
+            .filter(|(_, c)| **c == Choice::Vxlan)
+            .filter_map(|(peer, _)| {
+                let (addr, _) = self.conn_to(*peer).and_then(vxlan_endpoint)?;
+                Some((*peer, addr))
+            })
+            .collect();
         let table = ForwardingTable {
             me: self.local.name,
             sealed: self.local.password.is_some(),
             unicast: routes.unicast.clone(),
-            broadcast: routes.broadcast.clone(),
+            broadcast: self.router.broadcast_all(),
             sessions,
+            vxlan,
         };
         self.settings.table.send_replace(Arc::new(table));
     }
@@ -475,9 +712,11 @@ impl Control {
     }
 
     fn status(&mut self, now: Instant) -> Status {
+        self.evaluate_overlays(now);
         let routes = self.router.routes();
         let me = self.local.name;
         let sealed = self.local.password.is_some();
+        let mtu = self.settings.mtu;
         let peers = self
             .router
             .topology()
@@ -485,10 +724,21 @@ impl Control {
             .filter(|p| p.name != me)
             .map(|p| {
                 let next_hop = routes.unicast.get(&p.name).copied();
+                let choice = self.choices.get(&p.name).copied();
+                let (overlay, overlay_reason) = match (next_hop, choice) {
+                    (None, _) | (_, None) => (None, "unreachable: no route".to_string()),
+                    (Some(_), Some(choice)) => {
+                        let (o, r) = overlay::describe(choice, mtu, |t| time_of_day(now, t));
+                        (Some(o), r)
+                    }
+                };
+                // Traffic on VXLAN is never sealed; on the sleeve it is sealed with the cipher
+                // of the session to the next hop.
                 let cipher = next_hop.and_then(|hop| {
                     let session = self.conns.values().find(|c| c.peer == hop)?;
+                    let vxlan = overlay.as_deref() == Some("vxlan");
                     Some(
-                        if sealed {
+                        if sealed && !vxlan {
                             session.session.cipher.name()
                         } else {
                             "none"
@@ -502,12 +752,9 @@ impl Control {
                     nickname: p.nickname.clone(),
                     reachable: next_hop.is_some(),
                     next_hop: next_hop.map(|n| n.to_string()),
-                    overlay: next_hop.map(|_| "sleeve".to_string()),
-                    overlay_reason: match (next_hop, sealed) {
-                        (None, _) => "unreachable: no route".to_string(),
-                        (Some(_), true) => "encrypted".to_string(),
-                        (Some(_), false) => "not encrypted: no mesh password".to_string(),
-                    },
+                    overlay,
+                    overlay_reason,
+                    mtu: next_hop.map(|_| mtu),
                     connections: p.connections.len(),
                 }
             })
@@ -684,6 +931,42 @@ async fn reader(
         }
     };
     let _ = inputs.send(Input::Closed { conn, reason });
+}
+
+/// Where the VXLAN device of the peer behind `conn` listens, and its MAC.
+fn vxlan_endpoint(conn: &Conn) -> Option<(SocketAddrV4, [u8; 6])> {
+    let v = conn.vxlan?;
+    match conn.session.remote_addr.ip() {
+        IpAddr::V4(ip) => Some((SocketAddrV4::new(ip, v.port), v.mac)),
+        IpAddr::V6(_) => None,
+    }
+}
+
+async fn next_probe_event(
+    rx: &mut Option<mpsc::UnboundedReceiver<ProbeEvent>>,
+) -> Option<ProbeEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `HH:MM:SS UTC` of the instant `t`, read against the wall clock at `now`.
+fn time_of_day(now: Instant, t: Instant) -> String {
+    let wall = SystemTime::now()
+        .checked_sub(now.saturating_duration_since(t))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let secs = wall
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        % 86_400;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 fn transport(reason: String) -> HandshakeError {

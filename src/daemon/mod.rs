@@ -1,10 +1,11 @@
 //! The composition root of the router daemon (`meshctl launch --foreground`).
 //!
 //! Builds, in order: the state directory and persistent identity, the control (QUIC) and sleeve (UDP)
-//! sockets, the bridge and its TAP port (netlink), the data-plane task, the local API, and finally the
-//! control loop (`control.rs`), which owns the mesh `Router` and runs until `meshctl stop` or a signal.
-//! On the way out it removes the TAP port, the API socket and the pid file; the bridge stays, because
-//! attached containers hang on it.
+//! sockets, the bridge with its TAP port and (unless `--no-fastpath`) its VXLAN port (netlink), the
+//! data-plane tasks (sleeve, FDB reconciler, VXLAN prober), the local API, and finally the control
+//! loop (`control.rs`), which owns the mesh `Router` and runs until `meshctl stop` or a signal.
+//! On the way out it removes the TAP and VXLAN ports, the API socket and the pid file; the bridge
+//! stays, because attached containers hang on it.
 
 mod control;
 
@@ -21,7 +22,8 @@ use tokio::sync::{mpsc, watch};
 use crate::cli::{LaunchArgs, Paths};
 use crate::dataplane::forwarding::ForwardingTable;
 use crate::dataplane::sleeve::{self, Counters};
-use crate::dataplane::tap;
+use crate::dataplane::{tap, vxlan};
+use crate::kernel::firewall::BridgeRules;
 use crate::kernel::netlink::Netlink;
 
 /// Longest bridge name we accept, so that the TAP's name (`BRIDGE-tap`) fits Linux's 15 characters.
@@ -47,8 +49,11 @@ pub(crate) fn check_launch_preconditions(args: &LaunchArgs) -> Result<()> {
             args.bridge
         );
     }
-    if args.port == u16::MAX {
-        bail!("--port must leave room for the sleeve port (PORT+1); choose a port below 65535");
+    if args.port > u16::MAX - 2 {
+        bail!(
+            "--port must leave room for the sleeve (PORT+1) and VXLAN (PORT+2) ports; \
+             choose a port below 65534"
+        );
     }
     if let Some(p) = &args.password {
         if p.is_empty() {
@@ -86,6 +91,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     std::fs::create_dir_all(&paths.state_dir)
         .with_context(|| format!("create state directory {}", paths.state_dir.display()))?;
     let identity = load_or_create_identity(&paths.state_dir)?;
+    let targets = resolve_peers(&args.peers).await?;
     let nickname = args.nickname.clone().unwrap_or_else(hostname);
     let sealed = args.password.is_some();
 
@@ -112,14 +118,74 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         .await
         .with_context(|| format!("add TAP {tap_name} to bridge {}", args.bridge))?;
 
+    let vxlan_port = args.port + 2;
+    let device = if args.no_fastpath {
+        // A device left behind by an earlier run without the flag would still take frames.
+        netlink.delete_link(&format!("{}-vx", args.bridge)).await?;
+        None
+    } else {
+        Some(
+            vxlan::setup(&netlink, &args.bridge, bridge_index, vxlan_port, args.mtu)
+                .await
+                .with_context(|| {
+                    format!(
+                        "set up the VXLAN fast path on UDP {vxlan_port} \
+                         (use --no-fastpath to run without it)"
+                    )
+                })?,
+        )
+    };
+
     let counters = Arc::new(Counters::default());
-    let (table_tx, table_rx) =
-        watch::channel(Arc::new(ForwardingTable::empty(identity.name(), sealed)));
+    let empty = Arc::new(ForwardingTable::empty(identity.name(), sealed));
+    // control loop -> FDB reconciler -> sleeve: the sleeve sees a table only once the kernel's
+    // flood entries match it.
+    let (table_tx, control_rx) = watch::channel(empty.clone());
+    let (sleeve_tx, table_rx) = watch::channel(empty);
+    let reconciler = tokio::spawn(vxlan::run_reconciler(
+        netlink.clone(),
+        device.clone(),
+        tap_name.clone(),
+        control_rx,
+        sleeve_tx,
+    ));
     let dataplane = tokio::spawn(sleeve::run(tap, data_socket, table_rx, counters.clone()));
+    let (fastpath, prober) = match &device {
+        None => (None, None),
+        Some(device) => {
+            let (probes_tx, probes_rx) = mpsc::unbounded_channel();
+            let (events_tx, events_rx) = mpsc::unbounded_channel();
+            let prober = tokio::spawn(async move {
+                if let Err(e) = vxlan::run_prober(probes_rx, events_tx).await {
+                    tracing::warn!("vxlan prober stopped, peers stay on sleeve: {e:#}");
+                }
+            });
+            let fastpath = control::FastPath {
+                device: device.clone(),
+                probes: probes_tx,
+                events: events_rx,
+            };
+            (Some(fastpath), Some(prober))
+        }
+    };
 
     let socket_path = paths.socket.clone();
     let listener = bind_api_socket(&socket_path)?;
     let (calls_tx, calls_rx) = mpsc::channel(64);
+    let metrics = if args.no_metrics {
+        None
+    } else {
+        match tokio::net::TcpListener::bind(args.metrics_addr).await {
+            Ok(l) => Some(tokio::spawn(crate::metrics::serve(l, calls_tx.clone()))),
+            Err(e) => {
+                tracing::warn!(
+                    "serving no metrics: cannot listen on {} ({e}); choose another --metrics-addr or --no-metrics",
+                    args.metrics_addr
+                );
+                None
+            }
+        }
+    };
     let api = tokio::spawn(crate::api::server::serve(
         listener,
         crate::api::server::ApiState {
@@ -133,14 +199,13 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("write pid file {}", pid_path.display()))?;
 
-    let targets = resolve_peers(&args.peers).await?;
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     tracing::info!(
         name = %identity.name(), %nickname, port = args.port, bridge = %args.bridge,
-        encryption = sealed, "router ready"
+        encryption = sealed, fastpath = device.is_some(), "router ready"
     );
     let control = control::Control::new(control::Settings {
         identity,
@@ -155,14 +220,34 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         endpoint,
         table: table_tx,
         counters,
+        fastpath,
+        trusted_subnets: args.trusted_subnets.clone(),
     });
+    // Last fallible step done: from here on, cleanup below removes what we add.
+    let bridge_for_rules = args.bridge.clone();
+    let mut firewall = tokio::task::spawn_blocking(move || BridgeRules::install(&bridge_for_rules))
+        .await
+        .context("install firewall rules")?;
     let outcome = control.run(targets, calls_rx).await;
 
     api.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     dataplane.abort();
+    reconciler.abort();
+    if let Some(prober) = prober {
+        prober.abort();
+    }
     let mut problems = Vec::new();
+    problems.extend(firewall.remove());
     if let Err(e) = netlink.delete_link(&tap_name).await {
         problems.push(format!("remove TAP {tap_name}: {e:#}"));
+    }
+    if let Some(device) = &device {
+        if let Err(e) = netlink.delete_link(&device.name).await {
+            problems.push(format!("remove VXLAN {}: {e:#}", device.name));
+        }
     }
     for path in [&socket_path, &pid_path] {
         if let Err(e) = std::fs::remove_file(path) {

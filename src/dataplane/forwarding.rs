@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use mesh::PeerName;
@@ -69,6 +69,12 @@ pub struct ForwardingTable {
     pub broadcast: BTreeMap<PeerName, Vec<PeerName>>,
     /// Neighbours with an established control connection.
     pub sessions: BTreeMap<PeerName, Arc<SessionParams>>,
+    /// Peers reached over kernel VXLAN (their VXLAN endpoint): the kernel floods our
+    /// broadcasts to them, so the sleeve sends them our own broadcasts only for relaying
+    /// (`FLAG_RELAY_ONLY`). Always a subset of our children in our own broadcast tree; that is
+    /// what keeps every broadcast exactly-once: the tree holds each peer once, so no peer below
+    /// a VXLAN peer is itself one.
+    pub vxlan: BTreeMap<PeerName, SocketAddrV4>,
 }
 
 impl ForwardingTable {
@@ -81,6 +87,7 @@ impl ForwardingTable {
             unicast: BTreeMap::new(),
             broadcast: BTreeMap::new(),
             sessions: BTreeMap::new(),
+            vxlan: BTreeMap::new(),
         }
     }
 }

@@ -9,5 +9,6 @@
 //! ([`netns::run_in`]) with its own current-thread runtime.
 
 pub mod attach;
+pub(crate) mod firewall;
 pub mod netlink;
 pub mod netns;

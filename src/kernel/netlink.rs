@@ -4,22 +4,31 @@
 //! opened it. Every operation names links by interface name and adds the object and the verb to
 //! its error ("create bridge mesh", "enslave mesh-tap to bridge 7").
 //!
+//! Also the VXLAN mechanisms the fast path needs: creating the device, and adding, appending,
+//! listing and deleting bridge FDB entries (some of them hand-built, see each method).
+//!
 //! Not here: entering other namespaces (`netns.rs`), veth plumbing for containers (`attach.rs`),
-//! VXLAN devices and FDB entries (`dataplane/vxlan.rs`), and the TAP file descriptor
+//! which VXLAN FDB entries should exist (`dataplane/vxlan.rs`), and the TAP file descriptor
 //! (`dataplane/tap.rs`).
 //!
 //! Invariants: the socket's namespace is fixed at [`Netlink::open`]; nothing here calls `setns`.
 //! Deleting and adding an existing address are idempotent, so reconcilers may repeat them.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{bail, Context};
 use futures::{StreamExt, TryStreamExt};
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
+use netlink_packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_REQUEST,
+};
 use netlink_packet_route::link::{
     InfoBridgePort, InfoKind, InfoPortData, InfoPortKind, LinkAttribute, LinkInfo, LinkMessage,
 };
-use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlag, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 /// Longest interface name the kernel accepts (IFNAMSIZ minus the NUL).
 pub const IFNAME_LEN_MAX: usize = 15;
@@ -254,6 +263,64 @@ impl Netlink {
         }
     }
 
+    /// The addresses on `name` with their prefix lengths.
+    pub async fn addresses(&self, name: &str) -> anyhow::Result<Vec<(IpAddr, u8)>> {
+        Ok(self
+            .address_messages(name)
+            .await?
+            .into_iter()
+            .filter_map(|(addr, prefix, _)| Some((addr?, prefix)))
+            .collect())
+    }
+
+    /// Removes `addr/prefix` from `name`; Ok if it isn't there.
+    pub async fn del_address(&self, name: &str, addr: IpAddr, prefix: u8) -> anyhow::Result<()> {
+        for (a, p, message) in self.address_messages(name).await? {
+            if a == Some(addr) && p == prefix {
+                self.handle
+                    .address()
+                    .del(message)
+                    .execute()
+                    .await
+                    .with_context(|| format!("remove address {addr}/{prefix} from {name}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn address_messages(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<
+        Vec<(
+            Option<IpAddr>,
+            u8,
+            netlink_packet_route::address::AddressMessage,
+        )>,
+    > {
+        use netlink_packet_route::address::AddressAttribute;
+        let index = self.require_index(name).await?;
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(message) = stream
+            .try_next()
+            .await
+            .with_context(|| format!("list addresses of {name}"))?
+        {
+            let addr = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            out.push((addr, message.header.prefix_len, message));
+        }
+        Ok(out)
+    }
+
     /// Sets IFLA_BRPORT_ISOLATED on a bridge port. rtnetlink 0.14 cannot send this: the kernel
     /// applies bridge port options (IFLA_LINKINFO { INFO_SLAVE_KIND "bridge", INFO_SLAVE_DATA })
     /// only in RTM_NEWLINK, RTM_SETLINK ignores them silently, and rtnetlink's NEWLINK always
@@ -289,11 +356,201 @@ impl Netlink {
         Ok(())
     }
 
+    /// Creates the VXLAN device `name` (VNI `vni`, UDP port `port`, learning on, no fixed
+    /// remote), sets its MTU, and returns its ifindex. An existing link of that name is deleted
+    /// first, so a device left by an earlier run never keeps old settings.
+    pub async fn create_vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        port: u16,
+        mtu: u32,
+    ) -> anyhow::Result<u32> {
+        check_ifname(name)?;
+        self.delete_link(name).await?;
+        self.handle
+            .link()
+            .add()
+            .vxlan(name.to_owned(), vni)
+            .port(port)
+            .learning(true)
+            .execute()
+            .await
+            .with_context(|| format!("create vxlan {name} vni {vni} port {port}"))?;
+        self.set_mtu(name, mtu).await?;
+        self.require_index(name).await
+    }
+
+    /// `bridge fdb append MAC dev IFINDEX dst DST port PORT self permanent`: adds one more
+    /// remote to the VXLAN FDB entry for `mac` (all zeros: the flood list). rtnetlink 0.14 can't
+    /// say `append`, so the RTM_NEWNEIGH is built here with NLM_F_CREATE|NLM_F_APPEND. Appending
+    /// a remote that is already listed answers EEXIST, which counts as success.
+    pub async fn fdb_append(
+        &self,
+        ifindex: u32,
+        mac: [u8; 6],
+        dst: Ipv4Addr,
+        port: u16,
+    ) -> anyhow::Result<()> {
+        let message = fdb_message(ifindex, mac, dst, Some(port));
+        let mut request = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(message));
+        request.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
+        let context = || {
+            format!(
+                "append fdb {} dst {dst}:{port} on ifindex {ifindex}",
+                fmt_mac(&mac)
+            )
+        };
+        match self.ack(request).await {
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            other => other.with_context(context),
+        }
+    }
+
+    /// `bridge fdb del MAC dev IFINDEX dst DST self`: removes that one remote (or learned entry).
+    /// Succeeds if it is not there.
+    pub async fn fdb_delete(
+        &self,
+        ifindex: u32,
+        mac: [u8; 6],
+        dst: Ipv4Addr,
+    ) -> anyhow::Result<()> {
+        let message = fdb_message(ifindex, mac, dst, None);
+        let mut request = NetlinkMessage::from(RouteNetlinkMessage::DelNeighbour(message));
+        request.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        match self.ack(request).await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ENODEV)) => Ok(()),
+            Err(e) => Err(e).with_context(|| {
+                format!(
+                    "delete fdb {} dst {dst} on ifindex {ifindex}",
+                    fmt_mac(&mac)
+                )
+            }),
+        }
+    }
+
+    /// The device's own FDB entries (`bridge fdb show dev DEV self`) that name an IPv4 remote:
+    /// VXLAN flood entries and learned or static unicast entries alike.
+    pub async fn fdb_remotes(&self, ifindex: u32) -> anyhow::Result<Vec<FdbRemote>> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Bridge;
+        message.header.ifindex = ifindex;
+        let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetNeighbour(message));
+        request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let context = || format!("list fdb entries of ifindex {ifindex}");
+        let mut replies = self.handle.clone().request(request).with_context(context)?;
+        let mut out = Vec::new();
+        while let Some(reply) = replies.next().await {
+            let message = match reply.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => m,
+                NetlinkPayload::Error(err) if err.code.is_some() => {
+                    return Err(rtnetlink::Error::NetlinkError(err)).with_context(context);
+                }
+                _ => continue,
+            };
+            if message.header.ifindex != ifindex
+                || !message.header.flags.contains(&NeighbourFlag::Own)
+            {
+                continue;
+            }
+            let mut mac = None;
+            let mut dst = None;
+            for attr in &message.attributes {
+                match attr {
+                    NeighbourAttribute::LinkLocalAddress(b) => {
+                        mac = <[u8; 6]>::try_from(b.as_slice()).ok()
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                        dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(mac), Some(dst)) = (mac, dst) {
+                out.push(FdbRemote {
+                    mac,
+                    dst,
+                    permanent: message.header.state == NeighbourState::Permanent,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets every MAC the bridge learned on port `port` (IFLA_BRPORT_FLUSH, as
+    /// `ip link set PORT type bridge_slave fdb_flush`; hand-built like
+    /// [`Self::set_bridge_port_isolated`]).
+    pub async fn flush_bridge_port(&self, port: &str) -> anyhow::Result<()> {
+        let index = self.require_index(port).await?;
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        message.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::Flush])),
+        ]));
+        let mut request = NetlinkMessage::from(RouteNetlinkMessage::NewLink(message));
+        request.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        self.ack(request)
+            .await
+            .with_context(|| format!("flush learned MACs of bridge port {port}"))
+    }
+
+    /// Sends a hand-built request and waits for its acknowledgement.
+    async fn ack(
+        &self,
+        request: NetlinkMessage<RouteNetlinkMessage>,
+    ) -> Result<(), rtnetlink::Error> {
+        let mut replies = self.handle.clone().request(request)?;
+        while let Some(reply) = replies.next().await {
+            if let NetlinkPayload::Error(err) = reply.payload {
+                if err.code.is_some() {
+                    return Err(rtnetlink::Error::NetlinkError(err));
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn require_index(&self, name: &str) -> anyhow::Result<u32> {
         self.link_index(name)
             .await?
             .with_context(|| format!("find link {name}: no such link"))
     }
+}
+
+/// One entry of a VXLAN device's own FDB: frames for `mac` go to `dst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdbRemote {
+    pub mac: [u8; 6],
+    pub dst: Ipv4Addr,
+    /// Added by us (`permanent`) rather than learned.
+    pub permanent: bool,
+}
+
+fn fdb_message(ifindex: u32, mac: [u8; 6], dst: Ipv4Addr, port: Option<u16>) -> NeighbourMessage {
+    let mut message = NeighbourMessage::default();
+    message.header.family = AddressFamily::Bridge;
+    message.header.ifindex = ifindex;
+    message.header.state = NeighbourState::Permanent;
+    message.header.flags = vec![NeighbourFlag::Own];
+    message.attributes = vec![
+        NeighbourAttribute::LinkLocalAddress(mac.to_vec()),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)),
+    ];
+    if let Some(port) = port {
+        message.attributes.push(NeighbourAttribute::Port(port));
+    }
+    message
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn fmt_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The positive errno of a netlink error reply, if `e` is one.
@@ -456,6 +713,41 @@ mod tests {
         });
         let out = ip(&["-n", ns.name(), "link", "show"]);
         assert!(!out.contains("d0"), "{out}");
+    }
+
+    #[test]
+    fn vxlan_flood_entries_append_list_and_delete() {
+        let Some(ns) = TestNetns::new() else { return };
+        let (a, b) = ("10.9.9.1".parse().unwrap(), "10.9.9.2".parse().unwrap());
+        let listed = ns.block_on(move |nl| async move {
+            let br = nl.ensure_bridge("br-t", 1500).await?;
+            let vx = nl.create_vxlan("vx-t", 4242, 6785, 1450).await?;
+            nl.enslave("vx-t", br, true).await?;
+            nl.fdb_append(vx, [0; 6], a, 6785).await?;
+            nl.fdb_append(vx, [0; 6], b, 6785).await?;
+            nl.fdb_append(vx, [0; 6], b, 6785).await?; // already there: fine
+            nl.fdb_delete(vx, [0; 6], a).await?;
+            nl.fdb_delete(vx, [0; 6], a).await?; // gone already: fine
+            nl.flush_bridge_port("vx-t").await?;
+            nl.fdb_remotes(vx).await
+        });
+        assert_eq!(
+            listed,
+            vec![FdbRemote {
+                mac: [0; 6],
+                dst: b,
+                permanent: true
+            }]
+        );
+        let out = ip(&["-n", ns.name(), "-d", "link", "show", "vx-t"]);
+        assert!(
+            out.contains("vxlan id 4242") && out.contains("dstport 6785"),
+            "{out}"
+        );
+        assert!(
+            out.contains("isolated on") && out.contains("mtu 1450"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -426,6 +426,43 @@ impl Lab {
         (addr_a, addr_b)
     }
 
+    /// A veth between the ROOT namespace (name `{prefix}r`) and `host` (name `eth1`), on a /24 of
+    /// its own in 10.253.0.0/16 chosen from our PID and this lab, so that a test touching the root
+    /// namespace (Docker) never depends on the default route. Returns (root side, host side). The
+    /// pair goes away with the host's namespace when the lab drops.
+    #[allow(dead_code)] // only the tests that touch the root namespace use it
+    pub(crate) fn link_to_root(&self, host: &Host) -> (Ipv4Addr, Ipv4Addr) {
+        let third = (std::process::id() as u8).wrapping_add(self.next_subnet() as u8);
+        let root_if = format!("{}r", self.prefix);
+        ip(&[
+            "link",
+            "add",
+            &root_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth1",
+            "netns",
+            &host.netns,
+        ]);
+        let root_ip = Ipv4Addr::new(10, 253, third, 1);
+        let host_ip = Ipv4Addr::new(10, 253, third, 2);
+        ip(&["addr", "add", &format!("{root_ip}/24"), "dev", &root_if]);
+        ip(&["link", "set", &root_if, "up"]);
+        ip(&[
+            "-n",
+            &host.netns,
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            "eth1",
+        ]);
+        ip(&["-n", &host.netns, "link", "set", "eth1", "up"]);
+        (root_ip, host_ip)
+    }
+
     /// A shared segment: a bridge in its own underlay netns, each host with a veth (`u{k}`) into
     /// it, addresses 10.250.k.(i+1)/24 in the order given.
     pub(crate) fn switch(&self, hosts: &[&Host]) -> Vec<Ipv4Addr> {

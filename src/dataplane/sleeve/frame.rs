@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! header (16 bytes, the AEAD's associated data)
-//!   [kind u8][flags u8][reserved u16 = 0][receiver_index u32 BE][counter u64 BE]
+//!   [kind u8][flags u8: FLAG_SEGMENT | FLAG_RELAY_ONLY][reserved u16 = 0][receiver_index u32 BE]
+//!   [counter u64 BE]
 //! body (the plaintext; sealed datagrams append a 16-byte tag after it)
 //!   [src peer 6][dst peer 6, all zero = broadcast][hop_limit u8][frame_count u8]
 //!   frame_count x [len u16 BE][ethernet frame]
@@ -37,6 +38,10 @@ pub const HOP_LIMIT_OFFSET: usize = 12;
 pub const FRAME_COUNT_OFFSET: usize = 13;
 /// Header flag: the body is one segment of a super-frame.
 pub const FLAG_SEGMENT: u8 = 0x01;
+/// Header flag: the receiver already got these frames over kernel VXLAN from the source; it
+/// must only relay them along the source's broadcast tree, not deliver them to its TAP.
+/// Only ever sent to peers that advertised VXLAN support.
+pub const FLAG_RELAY_ONLY: u8 = 0x02;
 /// Length of [`SegmentMeta`] on the wire.
 pub const SEGMENT_META_LEN: usize = 18;
 
@@ -92,7 +97,7 @@ pub enum Kind {
 pub struct Header {
     /// Sealed or plain.
     pub kind: Kind,
-    /// [`FLAG_SEGMENT`] or 0; other bits are ignored on receipt.
+    /// [`FLAG_SEGMENT`] and [`FLAG_RELAY_ONLY`] bits; other bits are ignored on receipt.
     pub flags: u8,
     /// The receiver's `local_index` for the session.
     pub receiver_index: u32,
@@ -438,6 +443,22 @@ mod tests {
             BodyHeader::parse(&short).unwrap_err(),
             FrameError::BadFrameLength { len: 13 }
         );
+    }
+
+    #[test]
+    fn header_flags_are_distinct_bits_and_round_trip() {
+        assert_eq!(FLAG_SEGMENT & FLAG_RELAY_ONLY, 0);
+        for flags in [0, FLAG_SEGMENT, FLAG_RELAY_ONLY] {
+            let mut out = [0u8; HEADER_LEN];
+            Header {
+                kind: Kind::Sealed,
+                flags,
+                receiver_index: 3,
+                counter: 4,
+            }
+            .emit(&mut out);
+            assert_eq!(Header::parse(&out).unwrap().0.flags, flags);
+        }
     }
 
     #[test]

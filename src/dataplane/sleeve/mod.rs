@@ -16,6 +16,11 @@
 //! neighbour: `tx` originates, `rx` relays); replay windows and the MAC table belong to `rx`,
 //! which tells `tx` about every newly learned MAC through a channel.
 //!
+//! Peers on the kernel VXLAN fast path (`ForwardingTable::vxlan`) keep their sleeve sessions but
+//! get only our own broadcasts from it, flagged relay-only, so that they relay them to their
+//! subtrees (each container then sees each broadcast exactly once); both threads forget the MACs
+//! of peers that move to VXLAN and `tx` never unicasts to one.
+//!
 //! Not here: the wire format (`frame.rs`), sealing (`crypto.rs`), replay windows (`replay.rs`),
 //! offload arithmetic (`offload.rs`), the socket's GSO/GRO (`udp.rs`), opening the TAP
 //! (`dataplane::tap`), computing routes or keys (control plane).

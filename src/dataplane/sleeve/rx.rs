@@ -5,6 +5,11 @@
 //! TAP, or its segment joins the super-frame being rebuilt ([`Joiner`]), and what is addressed to
 //! others is relayed along the routes.
 //!
+//! A body flagged [`FLAG_RELAY_ONLY`] comes from a neighbour that reaches us over kernel VXLAN
+//! too: the kernel already delivered its frames, so they are only relayed along the source's
+//! broadcast tree, never written into the TAP, and teach no MACs. MACs of peers on VXLAN are not
+//! learned at all (nor kept when a peer moves there): `tx` never unicasts to them.
+//!
 //! Invariants: the replay window moves only after a datagram opened; a partly rebuilt
 //! super-frame is written before any later frame and before the thread sleeps, so nothing waits
 //! for a segment that was lost.
@@ -19,7 +24,8 @@ use mesh::PeerName;
 
 use super::crypto::OpeningKey;
 use super::frame::{
-    self, BodyHeader, FrameError, Header, Kind, SegmentMeta, FLAG_SEGMENT, HEADER_LEN,
+    self, BodyHeader, FrameError, Header, Kind, SegmentMeta, FLAG_RELAY_ONLY, FLAG_SEGMENT,
+    HEADER_LEN,
 };
 use super::offload::{self, Layout, VnetHdr, FRAME_MAX, F_NEEDS_CSUM, GSO_NONE, VNET_HDR_LEN};
 use super::replay::ReplayWindow;
@@ -122,8 +128,11 @@ impl Rx {
             };
             self.sessions.insert(params.local_index, session);
         }
-        let unicast = &self.snapshot.table.unicast;
-        self.macs.retain(|_, owner| unicast.contains_key(owner));
+        // A peer on VXLAN is reached through the bridge's own learning (`tx` forgets them too).
+        let table = &self.snapshot.table;
+        self.macs.retain(|_, owner| {
+            table.unicast.contains_key(owner) && !table.vxlan.contains_key(owner)
+        });
     }
 
     /// Authenticates, checks and delivers or relays one datagram. Never fails: every problem is
@@ -173,13 +182,16 @@ impl Rx {
         if header.flags & FLAG_SEGMENT != 0 {
             self.handle_segment(body, peer, from);
         } else {
-            self.handle_body(body, peer, from);
+            let relay_only = header.flags & FLAG_RELAY_ONLY != 0;
+            self.handle_body(body, peer, from, relay_only);
         }
     }
 
-    /// Delivers and relays an authenticated body of packed frames from neighbour `via`.
+    /// Delivers and relays an authenticated body of packed frames from neighbour `via`. A
+    /// `relay_only` body reached us over VXLAN already: it is relayed, not delivered, and teaches
+    /// no MACs.
     // HOT PATH
-    fn handle_body(&mut self, body: &mut [u8], via: PeerName, from: SocketAddr) {
+    fn handle_body(&mut self, body: &mut [u8], via: PeerName, from: SocketAddr, relay_only: bool) {
         let (head, frames) = match BodyHeader::parse(body) {
             Ok(parsed) => parsed,
             Err(e) => return self.drop_bad_frame(e, from),
@@ -191,13 +203,15 @@ impl Rx {
         }
         let frame_count = u64::from(head.frame_count);
         bump(&self.shared.counters.rx_frames, frame_count);
-        for frame in frames.clone() {
-            let src_mac: [u8; 6] = frame[6..12]
-                .try_into()
-                .expect("frames hold an ethernet header");
-            self.learn(src_mac, head.src);
+        if !relay_only {
+            for frame in frames.clone() {
+                let src_mac: [u8; 6] = frame[6..12]
+                    .try_into()
+                    .expect("frames hold an ethernet header");
+                self.learn(src_mac, head.src);
+            }
         }
-        if head.dst.is_none() || head.dst == Some(me) {
+        if !relay_only && (head.dst.is_none() || head.dst == Some(me)) {
             // Frames must not overtake a super-frame that is still being joined.
             self.joiner.flush(&self.shared);
             let plain = [0u8; VNET_HDR_LEN];
@@ -341,8 +355,13 @@ impl Rx {
     }
 
     fn learn(&mut self, mac: [u8; 6], owner: PeerName) {
-        // Group addresses are never a frame's source; don't let one steer unicast.
-        if mac[0] & 1 != 0 || self.macs.get(&mac) == Some(&owner) {
+        // Group addresses are never a frame's source; don't let one steer unicast. Peers on
+        // VXLAN are never unicast to over the sleeve (`tx` would drop the update anyway, and a
+        // MAC kept here would not be sent again once the peer returns to the sleeve).
+        if mac[0] & 1 != 0
+            || self.macs.get(&mac) == Some(&owner)
+            || self.snapshot.table.vxlan.contains_key(&owner)
+        {
             return;
         }
         if self.macs.len() < MACS_MAX || self.macs.contains_key(&mac) {

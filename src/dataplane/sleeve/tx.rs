@@ -6,8 +6,15 @@
 //! finished TCP frames, packed like any small frame. Small frames with a partial checksum get it
 //! finished here. Frames for the same destination read in one burst share datagrams.
 //!
+//! Peers on the kernel VXLAN fast path (`ForwardingTable::vxlan`) get nothing unicast from here:
+//! the bridge reaches them through its VXLAN port, so their MACs are never in the table below and
+//! a frame for one is flooded like an unknown destination. Our own broadcasts still go to them,
+//! flagged [`FLAG_RELAY_ONLY`]: the kernel already delivered them, they only relay them on to
+//! their subtree.
+//!
 //! Invariants: frames leave in the order the TAP gave them (pending packed frames go out before
-//! the segments of a later super-frame); no allocation per frame in steady state.
+//! the segments of a later super-frame); no allocation per frame in steady state; `macs` never
+//! maps to a peer on VXLAN in the current snapshot.
 
 use std::collections::HashMap;
 use std::io;
@@ -16,7 +23,7 @@ use std::sync::Arc;
 
 use mesh::PeerName;
 
-use super::frame::{self, BodyHeader, SegmentMeta, FLAG_SEGMENT};
+use super::frame::{self, BodyHeader, SegmentMeta, FLAG_RELAY_ONLY, FLAG_SEGMENT};
 use super::offload::{self, Layout, VnetHdr, FRAME_MAX, F_NEEDS_CSUM, VNET_HDR_LEN};
 use super::{bump, Dest, Sender, Shared, Snapshot, HOP_LIMIT, IDLE_POLL};
 
@@ -79,11 +86,17 @@ impl Tx {
         if !Arc::ptr_eq(&current, &self.snapshot) {
             self.flush_batch();
             self.snapshot = current.clone();
-            let unicast = &self.snapshot.table.unicast;
-            self.macs.retain(|_, owner| unicast.contains_key(owner));
+            let table = &self.snapshot.table;
+            // A MAC still mapped to a peer that moved to VXLAN would send a frame the bridge
+            // flooded to the VXLAN port a second time, over the sleeve.
+            self.macs.retain(|_, owner| {
+                table.unicast.contains_key(owner) && !table.vxlan.contains_key(owner)
+            });
         }
         while let Ok((mac, owner)) = macs.try_recv() {
-            self.macs.insert(mac, owner);
+            if !self.snapshot.table.vxlan.contains_key(&owner) {
+                self.macs.insert(mac, owner);
+            }
         }
     }
 
@@ -235,8 +248,12 @@ impl Tx {
         let frames = u64::from(batch.frames);
         let table = &self.snapshot.table;
         let sealed = table.sealed;
-        let send = |hop: PeerName, sender: &mut Sender| match self.snapshot.sessions.get(&hop) {
-            Some(session) => sender.queue(session, sealed, 0, &[&batch.body], frames),
+        let send = |hop: PeerName, flags: u8, sender: &mut Sender| match self
+            .snapshot
+            .sessions
+            .get(&hop)
+        {
+            Some(session) => sender.queue(session, sealed, flags, &[&batch.body], frames),
             None => {
                 tracing::debug!(%hop, "no session to next hop; dropping frames");
                 bump(&self.shared.counters.drop_no_route, frames);
@@ -245,11 +262,18 @@ impl Tx {
         match dest {
             Dest::Broadcast => {
                 for child in table.broadcast.get(&table.me).into_iter().flatten() {
-                    send(*child, &mut self.sender);
+                    // The bridge also flooded these frames to the VXLAN port, which delivered
+                    // them to the peers on VXLAN; they still relay them to their subtrees.
+                    let flags = if table.vxlan.contains_key(child) {
+                        FLAG_RELAY_ONLY
+                    } else {
+                        0
+                    };
+                    send(*child, flags, &mut self.sender);
                 }
             }
             Dest::Peer(peer) => match table.unicast.get(&peer).copied() {
-                Some(hop) => send(hop, &mut self.sender),
+                Some(hop) => send(hop, 0, &mut self.sender),
                 None => {
                     tracing::debug!(%peer, "no route to peer; dropping frames");
                     bump(&self.shared.counters.drop_no_route, frames);

@@ -1,0 +1,178 @@
+//! The router image (docker/build.sh) runs the router as a container exactly as on the host: the host's
+//! `meshctl` talks to it through the socket in its state volume, it joins a mesh, and a restart of the
+//! container keeps its identity (same peer name) and restores the path.
+//!
+//! ```text
+//!   root namespace                                                       lab netns "b"
+//!   docker container "router" (--net=host --pid=host, NET_ADMIN NET_RAW SYS_ADMIN) ==veth 10.253.X.1/.2 (lab.link_to_root)== [ b ]
+//!     bridge miNNNN, port 2xxxx, state in a bind-mounted dir                               router
+//! ```
+//! Like tests/docker.rs, the root side uses its own veth subnet, bridge and port, and removes all of it.
+
+mod common;
+
+use common::lab::{self, Lab, WAIT_MAX};
+use std::path::PathBuf;
+use std::process::Command;
+
+const IMAGE: &str = "meshctl:test";
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    match Command::new(cmd).args(args).output() {
+        Ok(out) => (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ),
+        Err(e) => (false, format!("run {cmd}: {e}")),
+    }
+}
+
+struct RootSide {
+    container: String,
+    bridge: String,
+    state_dir: PathBuf,
+}
+
+impl RootSide {
+    fn status(&self) -> serde_json::Value {
+        let out = Command::new(lab::meshctl_bin())
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["status", "--json"])
+            .output()
+            .expect("run meshctl");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for RootSide {
+    fn drop(&mut self) {
+        let _ = run("docker", &["rm", "-f", &self.container]);
+        let _ = run("ip", &["link", "del", &self.bridge]);
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+fn peers(status: &serde_json::Value) -> usize {
+    status["peers"]
+        .as_array()
+        .map_or(0, |p| p.iter().filter(|p| p["reachable"] == true).count())
+}
+
+#[test]
+fn router_image_runs_the_router_and_keeps_its_identity_across_restart() {
+    if lab::skip_unless_root("router_image_runs_the_router_and_keeps_its_identity_across_restart") {
+        return;
+    }
+    if !run("docker", &["info"]).0 {
+        eprintln!("skipping router image test: the Docker engine does not answer");
+        return;
+    }
+    let root_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (ok, out) = Command::new("bash")
+        .arg(root_dir.join("docker/build.sh"))
+        .arg(IMAGE)
+        .env("MESHCTL_PROFILE", "dev")
+        .output()
+        .map(|o| {
+            (
+                o.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            )
+        })
+        .expect("run docker/build.sh");
+    assert!(ok, "docker/build.sh failed:\n{out}");
+
+    let lab = Lab::new();
+    let tag = std::process::id() % 10_000;
+    let port = 20_001 + (std::process::id() % 20_000) as u16 * 2;
+    let root = RootSide {
+        container: format!("meshctl-router-test-{tag}"),
+        bridge: format!("mi{tag}"),
+        state_dir: lab.dir().join("router-state"),
+    };
+    std::fs::create_dir_all(&root.state_dir).unwrap();
+
+    let b = lab.host("b");
+    let (root_ip, _) = lab.link_to_root(&b);
+
+    let volume = format!("{}:/state", root.state_dir.display());
+    let port_s = port.to_string();
+    let (ok, out) = run(
+        "docker",
+        &[
+            "run",
+            "-d",
+            "--name",
+            &root.container,
+            "--net=host",
+            "--pid=host",
+            // The capabilities the router needs; this engine refuses --privileged.
+            "--cap-add",
+            "NET_ADMIN",
+            "--cap-add",
+            "NET_RAW",
+            "--cap-add",
+            "SYS_ADMIN",
+            "--device",
+            "/dev/net/tun",
+            "-v",
+            &volume,
+            "-e",
+            "MESHCTL_PASSWORD=pw",
+            IMAGE,
+            "--state-dir",
+            "/state",
+            "launch",
+            "--foreground",
+            "--nickname",
+            "boxed",
+            "--bridge",
+            &root.bridge,
+            "--port",
+            &port_s,
+            "--no-metrics",
+        ],
+    );
+    assert!(ok, "docker run of the router image failed: {out}");
+    b.launch(&["--password", "pw", &format!("{root_ip}:{port}")]);
+
+    let mut status = serde_json::Value::Null;
+    let joined = lab::wait_for(WAIT_MAX, || {
+        status = root.status();
+        peers(&status) == 1
+    });
+    let logs = || run("docker", &["logs", "--tail", "30", &root.container]).1;
+    assert!(
+        joined,
+        "the containerized router never saw b:\n{status:#}\n{}",
+        logs()
+    );
+    let name = status["name"].as_str().unwrap().to_string();
+    assert_eq!(status["nickname"], "boxed");
+
+    let (ok, out) = run("docker", &["restart", "-t", "5", &root.container]);
+    assert!(ok, "docker restart: {out}");
+    let back = lab::wait_for(WAIT_MAX, || {
+        status = root.status();
+        peers(&status) == 1
+    });
+    assert!(
+        back,
+        "after restart the router never saw b again:\n{status:#}\n{}",
+        logs()
+    );
+    assert_eq!(
+        status["name"].as_str(),
+        Some(name.as_str()),
+        "the peer name changed across restart"
+    );
+}
