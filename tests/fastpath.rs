@@ -335,3 +335,57 @@ fn mixed_mesh_delivers_each_broadcast_exactly_once() {
         assert_eq!(seen, vec![1; 4], "broadcast from container {origin}");
     }
 }
+
+/// Goal: when the underlay's MTU shrinks below what VXLAN needs at the container MTU, the peer moves
+/// to the sleeve with a reason naming the MTU, small traffic keeps flowing, and it returns once the
+/// MTU is restored. Method: lower the MTU of the veth on both ends of the underlay link.
+#[test]
+fn a_shrunk_path_mtu_moves_the_peer_to_sleeve_and_back() {
+    if lab::skip_unless_root("shrunk_path_mtu") {
+        return;
+    }
+    let lab = Lab::new();
+    let (a, b) = (lab.host("a"), lab.host("b"));
+    let (a_ip, _) = lab.link(&a, &b);
+    a.launch(&[]);
+    b.launch(&[&a_ip.to_string()]);
+    let (ip1, ip2) = (Ipv4Addr::new(10, 48, 0, 1), Ipv4Addr::new(10, 48, 0, 2));
+    let c1 = attach(&lab, &a, ip1);
+    let _c2 = attach(&lab, &b, ip2);
+    wait_overlay(&lab, &a, "b", "vxlan", "");
+    let set_mtu = |mtu: &str| {
+        for host in [&a, &b] {
+            let out = Command::new("ip")
+                .args(["-n", &host.netns, "link", "set", "u1", "mtu", mtu])
+                .output()
+                .expect("run ip");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    // 1376 + 50 bytes of VXLAN no longer fit.
+    set_mtu("1400");
+    let shrunk = Instant::now();
+    wait_overlay(&lab, &a, "b", "sleeve", "mtu");
+    assert!(
+        shrunk.elapsed() < Duration::from_secs(5),
+        "fallback took {:?}",
+        shrunk.elapsed()
+    );
+    assert!(
+        lab::wait_for(Duration::from_secs(5), || lab::ping(&c1.netns, ip2)),
+        "no small traffic after the MTU fallback{}",
+        lab.report()
+    );
+    set_mtu("1500");
+    let restored = Instant::now();
+    wait_overlay(&lab, &a, "b", "vxlan", "");
+    assert!(
+        restored.elapsed() < Duration::from_secs(15),
+        "return took {:?}",
+        restored.elapsed()
+    );
+}

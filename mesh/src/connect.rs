@@ -91,7 +91,14 @@ struct Target {
     phase: Phase,
     attempts: u32,
     last_error: Option<String>,
+    /// When the current connection to it was established.
+    connected_at: Option<Instant>,
 }
+
+/// A connection that ends sooner than this after it was established counts as a failed
+/// attempt for backoff (a peer that accepts and then refuses, e.g. at its connection limit,
+/// must not be redialed every second).
+const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// The connection maker: targets, their backoff, and the dial decisions.
 #[derive(Debug)]
@@ -126,6 +133,7 @@ impl ConnectionMaker {
                 phase: Phase::Waiting { next_attempt: now },
                 attempts: 0,
                 last_error: None,
+                connected_at: None,
             });
             target.kind = TargetKind::User;
             if let Phase::Waiting { next_attempt } = &mut target.phase {
@@ -162,6 +170,7 @@ impl ConnectionMaker {
                 phase: Phase::Waiting { next_attempt: now },
                 attempts: 0,
                 last_error: None,
+                connected_at: None,
             });
         }
     }
@@ -192,15 +201,36 @@ impl ConnectionMaker {
     /// A connection we dialed to `addr` was established: reset its backoff.
     pub fn connected(&mut self, now: Instant, addr: SocketAddr) {
         if let Some(target) = self.targets.get_mut(&addr) {
-            target.attempts = 0;
             target.last_error = None;
+            target.connected_at = Some(now);
             target.phase = Phase::Waiting { next_attempt: now };
         }
     }
 
-    /// A connection with `addr` ended: dial again after the first backoff step.
+    /// A connection with `addr` ended: dial again after the first backoff step, or after the
+    /// next one if the connection did not last (see `STABLE_AFTER`).
     pub fn disconnected(&mut self, now: Instant, addr: SocketAddr, reason: String) {
-        let delay = self.backoff(0);
+        let Some(target) = self.targets.get_mut(&addr) else {
+            return;
+        };
+        let lasted = target
+            .connected_at
+            .take()
+            .is_some_and(|at| now.saturating_duration_since(at) >= STABLE_AFTER);
+        target.attempts = if lasted {
+            0
+        } else {
+            target.attempts.saturating_add(1)
+        };
+        let attempts = target.attempts;
+        if target.kind == TargetKind::Discovered && attempts >= self.policy.discovered_attempts_max
+        {
+            // It keeps closing on us (e.g. at its limit): leave it to others.
+            self.targets.remove(&addr);
+            self.given_up.insert(addr);
+            return;
+        }
+        let delay = self.backoff(attempts);
         if let Some(target) = self.targets.get_mut(&addr) {
             target.last_error = Some(reason);
             if let Phase::Waiting { next_attempt } = &mut target.phase {
@@ -239,7 +269,7 @@ impl ConnectionMaker {
                 continue;
             }
             let limit = match target.kind {
-                TargetKind::User => self.policy.conn_limit.saturating_mul(2),
+                TargetKind::User => usize::MAX,
                 TargetKind::Discovered => self.policy.conn_limit,
             };
             if in_use >= limit {

@@ -42,6 +42,8 @@ pub mod gossip;
 pub mod peer;
 pub mod router;
 pub mod routes;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod topology;
 pub mod wire;
 

@@ -267,13 +267,16 @@ impl Router {
             // The dial itself succeeded, whatever we decide about the connection.
             self.maker.connected(now, addr);
         }
-        if !self.resolve_duplicate(conn, remote, outbound) {
-            self.dial_due(now);
-            return;
-        }
-        if !outbound && !self.accepts_inbound(remote) {
+        // The limit counts peers: a second connection to a peer we have replaces or loses to
+        // the first, so it is not refused here.
+        let replacing = self.conns.values().any(|c| c.peer == remote);
+        if !outbound && !replacing && !self.accepts_inbound(remote) {
             let limit = self.config.conn_limit;
             self.close(conn, format!("connection limit of {limit} reached"));
+            return;
+        }
+        if !self.resolve_duplicate(conn, remote, outbound) {
+            self.dial_due(now);
             return;
         }
         self.conns.insert(
@@ -293,13 +296,12 @@ impl Router {
         self.topology_changed(now);
     }
 
-    /// Inbound connections are accepted below the limit; above it (up to twice the limit) only
-    /// from peers we can't reach yet: newcomers and the other side of a partition, whose
-    /// connection is what keeps the mesh connected.
+    /// Inbound connections are accepted below the limit; above it only from peers we can't
+    /// reach yet (newcomers, the other side of a partition): refusing them could leave them
+    /// outside the mesh for good, e.g. when everyone names the same full seed. Peers that are
+    /// already in the mesh are refused and find room elsewhere through discovery.
     fn accepts_inbound(&self, remote: PeerName) -> bool {
-        let n = self.conns.len();
-        let limit = self.config.conn_limit;
-        n < limit || (n < limit.saturating_mul(2) && !self.routes.reaches(self.name, remote))
+        self.conns.len() < self.config.conn_limit || !self.routes.reaches(self.name, remote)
     }
 
     /// Decides between a new connection `conn` and an existing one to the same peer. Closes
@@ -463,6 +465,11 @@ impl Router {
     /// ([`routes::broadcast_all`]: one search per source).
     pub fn broadcast_all(&self) -> BTreeMap<PeerName, Vec<PeerName>> {
         routes::broadcast_all(&self.topology, self.name)
+    }
+
+    /// Whether a delayed route computation is pending (routes may lag the topology).
+    pub fn routes_pending(&self) -> bool {
+        self.dirty.is_some()
     }
 
     /// The configuration this router was built with.

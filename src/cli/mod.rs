@@ -159,6 +159,14 @@ pub(crate) struct LaunchArgs {
     /// VXLAN fast path even with a password.
     #[arg(long, value_delimiter = ',', value_name = "CIDR")]
     pub(crate) trusted_subnets: Vec<ipnet::IpNet>,
+    /// Most connections to keep: discovered peers are not dialed beyond it, and peers already in
+    /// the mesh are refused beyond it (newcomers and peers you name are always let in).
+    #[arg(long, default_value_t = mesh::CONN_LIMIT_DEFAULT as u16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) conn_limit: u16,
+    /// Also connect to the peers of the previous run (saved in STATE_DIR/targets by launch,
+    /// connect and forget).
+    #[arg(long)]
+    pub(crate) resume: bool,
 }
 
 fn parse_cipher(s: &str) -> Result<crate::dataplane::sleeve::crypto::Cipher, String> {

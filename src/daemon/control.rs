@@ -39,6 +39,35 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const REFUSALS_MAX: usize = 32;
 const REFUSAL_TTL: Duration = Duration::from_secs(600);
 
+/// File in the state directory listing the user targets, one `IP:PORT` per line.
+const TARGETS_FILE: &str = "targets";
+
+/// Reads the targets saved by a previous run; none if the file does not exist.
+pub(super) fn load_targets(state_dir: &std::path::Path) -> Result<Vec<SocketAddr>> {
+    let path = state_dir.join(TARGETS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(
+                anyhow::Error::new(e).context(format!("read saved targets {}", path.display()))
+            )
+        }
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: {l:?} is not IP:PORT; fix or delete the file (launch rewrites it)",
+                    path.display()
+                )
+            })
+        })
+        .collect()
+}
+
 /// Everything the loop needs from the composition root.
 pub(super) struct Settings {
     pub(super) identity: Identity,
@@ -47,6 +76,9 @@ pub(super) struct Settings {
     /// `--cipher`: the sleeve cipher to insist on, if any.
     pub(super) cipher: Option<Cipher>,
     pub(super) discovery: bool,
+    pub(super) conn_limit: usize,
+    /// Where the user targets are saved (`targets`, one address per line) for `launch --resume`.
+    pub(super) state_dir: std::path::PathBuf,
     pub(super) port: u16,
     pub(super) bridge: String,
     pub(super) mtu: u32,
@@ -172,6 +204,7 @@ impl Control {
             nickname: settings.nickname.clone(),
             incarnation: settings.incarnation,
             discovery: settings.discovery,
+            conn_limit: settings.conn_limit,
             ..RouterConfig::default()
         };
         let router = Router::new(config, name, random_u64(), now);
@@ -229,6 +262,7 @@ impl Control {
             self.inputs_tx.clone(),
         ));
         self.router.add_targets(Instant::now(), &targets);
+        self.save_targets();
         self.drain();
         let mut probe_tick = tokio::time::interval(PROBE_INTERVAL);
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -400,10 +434,12 @@ impl Control {
             }
             Call::Connect(addrs, reply) => {
                 self.router.add_targets(now, &addrs);
+                self.save_targets();
                 let _ = reply.send(());
             }
             Call::Forget(addrs, reply) => {
                 self.router.forget_targets(&addrs);
+                self.save_targets();
                 let _ = reply.send(());
             }
             Call::Stop(reply) => {
@@ -614,6 +650,22 @@ impl Control {
         if self.table_dirty {
             self.table_dirty = false;
             self.publish_table();
+        }
+    }
+
+    /// Saves the user targets to `STATE_DIR/targets` (atomically), for `launch --resume`.
+    fn save_targets(&self) {
+        let text: String = self
+            .router
+            .user_targets()
+            .iter()
+            .map(|a| format!("{a}\n"))
+            .collect();
+        let path = self.settings.state_dir.join(TARGETS_FILE);
+        let tmp = self.settings.state_dir.join("targets.tmp");
+        let result = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            tracing::warn!("save targets to {}: {e}", path.display());
         }
     }
 

@@ -91,7 +91,14 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     std::fs::create_dir_all(&paths.state_dir)
         .with_context(|| format!("create state directory {}", paths.state_dir.display()))?;
     let identity = load_or_create_identity(&paths.state_dir)?;
-    let targets = resolve_peers(&args.peers).await?;
+    let mut targets = resolve_peers(&args.peers).await?;
+    if args.resume {
+        for addr in control::load_targets(&paths.state_dir)? {
+            if !targets.contains(&addr) {
+                targets.push(addr);
+            }
+        }
+    }
     let nickname = args.nickname.clone().unwrap_or_else(hostname);
     let sealed = args.password.is_some();
 
@@ -213,6 +220,8 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         password: args.password.clone(),
         cipher: args.cipher,
         discovery: !args.no_discovery,
+        conn_limit: usize::from(args.conn_limit),
+        state_dir: paths.state_dir.clone(),
         port: args.port,
         bridge: args.bridge.clone(),
         mtu: args.mtu,

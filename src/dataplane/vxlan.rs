@@ -256,6 +256,7 @@ pub async fn run_prober(
     let udp = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
         .await
         .context("bind vxlan probe socket")?;
+    set_dont_fragment(&udp).context("set don't-fragment on the vxlan probe socket")?;
     let packets = probe_receiver().context("open packet socket for vxlan probes")?;
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -281,6 +282,32 @@ pub async fn run_prober(
 /// A frame whose destination is the vxlan port's own MAC is passed up by the bridge, so it is
 /// seen here once, on the bridge.
 ///
+/// Sets IP_MTU_DISCOVER to IP_PMTUDISC_DO, so that a full-size probe that doesn't fit the path is
+/// dropped (or refused with EMSGSIZE) instead of being fragmented on the way: a shrunk path MTU then
+/// shows as lost full-size probes, and the peer moves to the sleeve. (Neither nix nor socket2 wraps
+/// this option.)
+#[allow(unsafe_code)]
+fn set_dont_fragment(socket: &UdpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: the fd belongs to `socket`, which outlives the call; we pass a pointer to a c_int that
+    // lives across the call and its exact size, as setsockopt(2) requires for IP_MTU_DISCOVER.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Tokio's `UdpSocket` serves only as a safe async owner of the fd: `recv(2)` on a packet socket
 /// returns one frame like on a UDP socket, and nothing UDP-specific is ever called on it.
 fn probe_receiver() -> std::io::Result<UdpSocket> {
