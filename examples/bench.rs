@@ -1,5 +1,6 @@
-//! Throughput and latency of the overlays against the bare underlay, run by hand:
-//! `sudo cargo run --release --example bench` (set BENCH_SECONDS to shorten the 10 s runs).
+//! Throughput, packet rate, latency and router CPU of the overlays against the bare underlay, run
+//! by hand: `sudo cargo run --release --example bench` (BENCH_SECONDS shortens the 10 s runs,
+//! BENCH_REPS changes the 3 repetitions).
 //!
 //! ```text
 //!   c1 10.4x.0.1                          c2 10.4x.0.2
@@ -7,12 +8,16 @@
 //!   [ a ] 10.250.1.1 ----u1---- 10.250.1.2 [ b ]
 //! ```
 //! Each row gets a fresh lab: two hosts on a veth underlay and, except for "raw underlay", one
-//! container per host. iperf3 (TCP, -J) measures throughput from c1 to c2 and `ping -c 20
-//! -i 0.01` the mean round trip. Rows: raw underlay (host to host); kernel VXLAN, hand-built
-//! here with `ip` (vxlan + bridge + veth); meshctl fast path (kernel VXLAN chosen by meshctl, no
-//! password, `--mtu 1450` like the hand-built row); meshctl sleeve without password
-//! (`--no-fastpath`); meshctl sleeve with password (ChaCha20-Poly1305). Ratios are against raw and
-//! against kernel VXLAN; the last column is the round trip added over the hand-built VXLAN.
+//! container per host. In it, each repetition measures from c1 to c2: iperf3 TCP with 1 and 4
+//! streams, iperf3 UDP with 64-byte datagrams (packets per second that arrived), `ping -c 50 -i
+//! 0.01` (mean round trip), and for meshctl rows the CPU both routers used during the 1-stream TCP
+//! run (percent of one core, summed). The table shows the median and min..max of the
+//! repetitions; the last column is the round trip added over the hand-built kernel VXLAN (medians).
+//! Rows: raw underlay (host to host); kernel VXLAN hand-built with `ip` (vxlan + bridge + veth,
+//! MTU 1450); meshctl fast path (kernel VXLAN chosen by meshctl, no password, `--mtu 1450` like
+//! the hand-built row); the plain sleeve (`--no-fastpath`); the sleeve with ChaCha20-Poly1305 and
+//! with AES-256-GCM (forced with `--cipher`). BENCH_LOSS=1% adds `tc netem loss` on the underlay
+//! of every row.
 
 #[path = "../tests/common/lab.rs"]
 mod lab;
@@ -25,11 +30,20 @@ use std::time::Duration;
 /// A scenario: the row's name and how to build and measure it.
 type Scenario = (&'static str, fn() -> Row);
 
-/// One measured row.
+/// One repetition's numbers.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    tcp1: Option<f64>,
+    tcp4: Option<f64>,
+    kpps64: Option<f64>,
+    rtt_us: Option<f64>,
+    cpu_pct: Option<f64>,
+}
+
+/// One measured row: every repetition.
 struct Row {
     name: &'static str,
-    gbit_per_s: Option<f64>,
-    rtt_ms: Option<f64>,
+    samples: Vec<Sample>,
     note: String,
 }
 
@@ -38,6 +52,13 @@ fn seconds() -> u32 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10)
+}
+
+fn reps() -> usize {
+    std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
 }
 
 fn run_ip(args: &[&str]) {
@@ -50,52 +71,113 @@ fn run_ip(args: &[&str]) {
     );
 }
 
-/// iperf3 TCP from netns `client` to `server_ip` (server started in netns `server`), Gbit/s.
-fn iperf(lab: &Lab, client: &str, server: &str, server_ip: Ipv4Addr) -> Result<f64, String> {
-    lab.spawn_in(
-        server,
-        "iperf3",
-        &["-s", "-B", &server_ip.to_string()],
-        "iperf3-server.log",
-    );
+/// Adds `tc netem loss` on every underlay link of the lab when BENCH_LOSS is set.
+fn maybe_loss(host: &Host) {
+    if let Ok(loss) = std::env::var("BENCH_LOSS") {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &host.netns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "u1",
+                "root",
+            ])
+            .args(["netem", "loss", &loss])
+            .output()
+            .expect("run tc");
+        assert!(
+            out.status.success(),
+            "tc netem: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Runs iperf3 with `args` from netns `client` to `server_ip` and picks the result out of its
+/// JSON with `pick`. Retries for a while: the server needs a moment to listen, and it refuses a
+/// new test ("the server is busy running a test") until it has finished the previous one, which
+/// after a fast run can take longer than the client needs to start again. iperf3 reports such
+/// failures in the JSON's `error` field, sometimes with exit status 0 and no results.
+fn iperf(
+    client: &str,
+    server_ip: Ipv4Addr,
+    args: &[&str],
+    pick: fn(&serde_json::Value) -> Option<f64>,
+) -> Result<f64, String> {
     let secs = seconds().to_string();
     let mut last_err = String::new();
     let mut result = None;
-    // The server needs a moment to listen; the client fails fast until it does.
-    lab::wait_for(Duration::from_secs(10), || {
-        let out = Command::new("ip")
-            .args(["netns", "exec", client, "iperf3", "-J", "-t", &secs, "-c"])
+    lab::wait_for(Duration::from_secs(30), || {
+        let out = match Command::new("ip")
+            .args(["netns", "exec", client, "iperf3", "-J", "-t", &secs])
+            .args(args)
+            .arg("-c")
             .arg(server_ip.to_string())
-            .output();
-        match out {
-            Ok(out) if out.status.success() => {
-                result = Some(out.stdout);
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => {
+                last_err = format!("run iperf3: {e}");
+                return false;
+            }
+        };
+        let json: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+            Ok(v) => v,
+            Err(e) => {
+                last_err = format!(
+                    "iperf3 -J output ({}) is not JSON: {e}; stderr: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                return false;
+            }
+        };
+        match pick(&json) {
+            Some(v) if out.status.success() => {
+                result = Some(v);
                 true
             }
-            Ok(out) => {
-                last_err = String::from_utf8_lossy(&out.stdout).into_owned();
-                false
-            }
-            Err(e) => {
-                last_err = e.to_string();
+            _ => {
+                last_err = format!(
+                    "iperf3 ({}) gave no result; its error: {}",
+                    out.status,
+                    json["error"].as_str().unwrap_or("(none)")
+                );
+                eprintln!("  {last_err}; retrying");
                 false
             }
         }
     });
-    let json = result.ok_or_else(|| format!("iperf3 failed: {last_err}"))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&json).map_err(|e| format!("iperf3 -J output: {e}"))?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|bps| bps / 1e9)
-        .ok_or_else(|| "iperf3 JSON has no end.sum_received.bits_per_second".to_owned())
+    result.ok_or(last_err)
 }
 
-/// Mean RTT in ms of `ping -c 20 -i 0.01` from netns `from`.
+fn tcp_gbit(client: &str, server_ip: Ipv4Addr, streams: u32) -> Result<f64, String> {
+    let bps = iperf(client, server_ip, &["-P", &streams.to_string()], |v| {
+        v["end"]["sum_received"]["bits_per_second"].as_f64()
+    })?;
+    Ok(bps / 1e9)
+}
+
+/// Thousands of 64-byte UDP datagrams per second that arrived.
+fn udp_kpps(client: &str, server_ip: Ipv4Addr) -> Result<f64, String> {
+    iperf(client, server_ip, &["-u", "-l", "64", "-b", "0"], |v| {
+        let sum = &v["end"]["sum"];
+        let packets = sum["packets"].as_f64()?;
+        let lost = sum["lost_packets"].as_f64()?;
+        let secs = sum["seconds"].as_f64().filter(|s| *s > 0.0)?;
+        Some((packets - lost) / secs / 1e3)
+    })
+}
+
+/// Mean RTT in µs of `ping -c 50 -i 0.01` from netns `from`.
 fn rtt(from: &str, to: Ipv4Addr) -> Result<f64, String> {
     let out = Command::new("ip")
         .args([
-            "netns", "exec", from, "ping", "-q", "-c", "20", "-i", "0.01",
+            "netns", "exec", from, "ping", "-q", "-c", "50", "-i", "0.01",
         ])
         .arg(to.to_string())
         .output()
@@ -106,8 +188,19 @@ fn rtt(from: &str, to: Ipv4Addr) -> Result<f64, String> {
         .find(|l| l.contains("min/avg/max"))
         .and_then(|l| l.split('=').nth(1))
         .and_then(|v| v.trim().split('/').nth(1))
-        .and_then(|avg| avg.parse().ok())
+        .and_then(|avg| avg.parse::<f64>().ok())
+        .map(|ms| ms * 1000.0)
         .ok_or_else(|| format!("no rtt in ping output: {text}"))
+}
+
+/// CPU time (user + system, seconds) a process has used so far.
+fn cpu_seconds(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" that ends the command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn measure(
@@ -116,16 +209,50 @@ fn measure(
     from: &str,
     to_ns: &str,
     to: Ipv4Addr,
+    routers: &[i32],
     note: String,
 ) -> Row {
-    let rtt_ms = rtt(from, to).map_err(|e| eprintln!("{name}: {e}")).ok();
-    let gbit_per_s = iperf(lab, from, to_ns, to)
-        .map_err(|e| eprintln!("{name}: {e}"))
-        .ok();
+    lab.spawn_in(
+        to_ns,
+        "iperf3",
+        &["-s", "-B", &to.to_string()],
+        "iperf3-server.log",
+    );
+    let log = |what: &str, e: String| eprintln!("{name}: {what}: {e}");
+    let mut samples = Vec::new();
+    for _ in 0..reps() {
+        let rtt_us = rtt(from, to).map_err(|e| log("ping", e)).ok();
+        let cpu_before: Option<f64> = routers.iter().map(|p| cpu_seconds(*p)).sum();
+        let start = std::time::Instant::now();
+        let tcp1 = tcp_gbit(from, to, 1).map_err(|e| log("tcp 1", e)).ok();
+        let elapsed = start.elapsed().as_secs_f64();
+        let cpu_after: Option<f64> = routers.iter().map(|p| cpu_seconds(*p)).sum();
+        let cpu_pct = match (cpu_before, cpu_after) {
+            (Some(b), Some(a)) if !routers.is_empty() => Some((a - b) / elapsed * 100.0),
+            _ => None,
+        };
+        let tcp4 = tcp_gbit(from, to, 4).map_err(|e| log("tcp 4", e)).ok();
+        let kpps64 = udp_kpps(from, to).map_err(|e| log("udp 64", e)).ok();
+        let s = Sample {
+            tcp1,
+            tcp4,
+            kpps64,
+            rtt_us,
+            cpu_pct,
+        };
+        eprintln!(
+            "  {name}: tcp1 {} tcp4 {} Gbit/s, udp64 {} kpps, rtt {} µs, cpu {} %",
+            fmt(s.tcp1, 2),
+            fmt(s.tcp4, 2),
+            fmt(s.kpps64, 0),
+            fmt(s.rtt_us, 0),
+            fmt(s.cpu_pct, 0)
+        );
+        samples.push(s);
+    }
     Row {
         name,
-        gbit_per_s,
-        rtt_ms,
+        samples,
         note,
     }
 }
@@ -134,12 +261,14 @@ fn raw() -> Row {
     let lab = Lab::new();
     let (a, b) = (lab.host("a"), lab.host("b"));
     let (_, b_ip) = lab.link(&a, &b);
+    maybe_loss(&a);
     measure(
         &lab,
         "raw underlay",
         &a.netns,
         &b.netns,
         b_ip,
+        &[],
         "host to host".into(),
     )
 }
@@ -195,6 +324,7 @@ fn kernel_vxlan() -> Row {
         containers.push((c, ip));
     }
     let (c1, c2) = (&containers[0], &containers[1]);
+    maybe_loss(&a);
     lab::wait_for(WAIT_MAX, || lab::ping(&c1.0.netns, c2.1));
     measure(
         &lab,
@@ -202,18 +332,17 @@ fn kernel_vxlan() -> Row {
         &c1.0.netns,
         &c2.0.netns,
         c2.1,
+        &[],
         "ip link vxlan, mtu 1450".into(),
     )
 }
 
-fn meshctl(name: &'static str, password: Option<&str>, extra: &[&str]) -> Row {
+fn meshctl(name: &'static str, extra: &[&str]) -> Row {
     let lab = Lab::new();
     let (a, b) = (lab.host("a"), lab.host("b"));
     let (a_ip, _) = lab.link(&a, &b);
-    let mut args_a = extra.to_vec();
-    if let Some(p) = password {
-        args_a.extend(["--password", p]);
-    }
+    maybe_loss(&a);
+    let args_a = extra.to_vec();
     let mut args_b = args_a.clone();
     let peer = a_ip.to_string();
     args_b.push(&peer);
@@ -227,8 +356,8 @@ fn meshctl(name: &'static str, password: Option<&str>, extra: &[&str]) -> Row {
     let (ip1, ip2) = (Ipv4Addr::new(10, 42, 0, 1), Ipv4Addr::new(10, 42, 0, 2));
     let c1 = attach(&a, ip1);
     let c2 = attach(&b, ip2);
-    if !extra.contains(&"--no-fastpath") && password.is_none() {
-        // The fast path: wait until meshctl has chosen it.
+    if !extra.contains(&"--no-fastpath") && !extra.contains(&"--password") {
+        // The fast path: wait until meshctl has chosen it (the note says if it didn't).
         lab::wait_for(WAIT_MAX, || {
             a.status_json()["peers"][0]["overlay"] == "vxlan"
         });
@@ -237,31 +366,49 @@ fn meshctl(name: &'static str, password: Option<&str>, extra: &[&str]) -> Row {
         eprintln!("{name}: containers cannot ping:{}", lab.report());
         return Row {
             name,
-            gbit_per_s: None,
-            rtt_ms: None,
+            samples: Vec::new(),
             note: "containers cannot ping, see above".to_owned(),
         };
     }
     let status = a.status_json();
     let peer = &status["peers"][0];
     let note = format!(
-        "overlay {} ({}), encryption {}",
+        "overlay {} ({}), cipher {}",
         peer["overlay"].as_str().unwrap_or("?"),
         peer["overlay_reason"].as_str().unwrap_or("?"),
-        status["encryption"]
+        peer["cipher"].as_str().unwrap_or("?"),
     );
-    measure(&lab, name, &c1.netns, &c2.netns, ip2, note)
+    let routers: Vec<i32> = [&a, &b].iter().filter_map(|h| h.daemon_pid()).collect();
+    measure(&lab, name, &c1.netns, &c2.netns, ip2, &routers, note)
 }
 
 fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
 }
 
-fn ratio(v: Option<f64>, base: Option<f64>) -> String {
-    match (v, base) {
-        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
-        _ => "-".to_owned(),
+/// The median of one column over a row's samples.
+fn median(samples: &[Sample], pick: fn(&Sample) -> Option<f64>) -> Option<f64> {
+    let mut v: Vec<f64> = samples.iter().filter_map(pick).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// "median (min..max)" of one column over a row's samples.
+fn stat(samples: &[Sample], pick: fn(&Sample) -> Option<f64>, digits: usize) -> String {
+    let mut v: Vec<f64> = samples.iter().filter_map(pick).collect();
+    if v.is_empty() {
+        return "-".to_owned();
     }
+    v.sort_by(f64::total_cmp);
+    let median = v[v.len() / 2];
+    if v.len() == 1 {
+        return format!("{median:.digits$}");
+    }
+    format!(
+        "{median:.digits$} ({:.digits$}..{:.digits$})",
+        v[0],
+        v[v.len() - 1]
+    )
 }
 
 fn main() -> ExitCode {
@@ -272,57 +419,77 @@ fn main() -> ExitCode {
         eprintln!("bench: {e}");
         return ExitCode::FAILURE;
     }
-    let scenarios: [Scenario; 5] = [
+    let scenarios: [Scenario; 6] = [
         ("raw underlay", raw),
         ("kernel vxlan", kernel_vxlan),
         ("meshctl fast path", || {
-            meshctl("meshctl fast path", None, &["--mtu", "1450"])
+            meshctl("meshctl fast path", &["--mtu", "1450"])
         }),
         ("meshctl sleeve plain", || {
-            meshctl("meshctl sleeve plain", None, &["--no-fastpath"])
+            meshctl("meshctl sleeve plain", &["--no-fastpath"])
         }),
-        ("meshctl sleeve encrypted", || {
-            meshctl("meshctl sleeve encrypted", Some("bench"), &[])
+        ("meshctl sleeve chacha20", || {
+            meshctl(
+                "meshctl sleeve chacha20",
+                &["--password", "bench", "--cipher", "chacha20-poly1305"],
+            )
+        }),
+        ("meshctl sleeve aes-256-gcm", || {
+            meshctl(
+                "meshctl sleeve aes-256-gcm",
+                &["--password", "bench", "--cipher", "aes-256-gcm"],
+            )
         }),
     ];
     let mut rows = Vec::new();
     for (name, scenario) in scenarios {
+        eprintln!("measuring {name}");
         // A failed setup (its lab already cleaned up while unwinding) costs one row, not the table.
         let row = std::panic::catch_unwind(scenario).unwrap_or_else(|_| Row {
             name,
-            gbit_per_s: None,
-            rtt_ms: None,
+            samples: Vec::new(),
             note: "setup failed, see above".to_owned(),
         });
-        eprintln!(
-            "measured {name}: {} Gbit/s, rtt {} ms",
-            fmt(row.gbit_per_s, 2),
-            fmt(row.rtt_ms, 3)
-        );
         rows.push(row);
     }
-    let (raw_bw, vx_bw, vx_rtt) = (rows[0].gbit_per_s, rows[1].gbit_per_s, rows[1].rtt_ms);
     println!(
-        "\niperf3 TCP {} s, ping -c 20 -i 0.01, veth underlay with MTU 1500\n",
-        seconds()
+        "\niperf3 {} s per run, {} repetitions, median (min..max); veth underlay, MTU 1500{}\n",
+        seconds(),
+        reps(),
+        std::env::var("BENCH_LOSS")
+            .map(|l| format!(", netem loss {l}"))
+            .unwrap_or_default()
     );
     println!(
-        "{:<26} {:>9} {:>9} {:>8} {:>8} {:>12}  note",
-        "path", "Gbit/s", "rtt ms", "vs raw", "vs vxlan", "+rtt µs"
+        "| {:<26} | {:<20} | {:<20} | {:<20} | {:<16} | {:<16} | {:<10} | note |",
+        "path",
+        "TCP 1 Gbit/s",
+        "TCP 4 Gbit/s",
+        "UDP 64 B kpps",
+        "ping rtt µs",
+        "router CPU %",
+        "+rtt µs"
     );
+    println!("|{}|", ["---"; 8].join("|"));
+    let vxlan_rtt = rows
+        .iter()
+        .find(|r| r.name == "kernel vxlan")
+        .and_then(|r| median(&r.samples, |x| x.rtt_us));
     for row in &rows {
-        let added_us = match (row.rtt_ms, vx_rtt) {
-            (Some(r), Some(v)) => Some((r - v) * 1000.0),
+        let s = &row.samples;
+        let added = match (median(s, |x| x.rtt_us), vxlan_rtt) {
+            (Some(r), Some(v)) => Some(r - v),
             _ => None,
         };
         println!(
-            "{:<26} {:>9} {:>9} {:>8} {:>8} {:>12}  {}",
+            "| {:<26} | {:<20} | {:<20} | {:<20} | {:<16} | {:<16} | {:<10} | {} |",
             row.name,
-            fmt(row.gbit_per_s, 2),
-            fmt(row.rtt_ms, 3),
-            ratio(row.gbit_per_s, raw_bw),
-            ratio(row.gbit_per_s, vx_bw),
-            fmt(added_us, 1),
+            stat(s, |x| x.tcp1, 2),
+            stat(s, |x| x.tcp4, 2),
+            stat(s, |x| x.kpps64, 0),
+            stat(s, |x| x.rtt_us, 0),
+            stat(s, |x| x.cpu_pct, 0),
+            fmt(added, 0),
             row.note
         );
     }

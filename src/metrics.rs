@@ -210,6 +210,7 @@ mod tests {
                 overlay: Some("sleeve".into()),
                 overlay_reason: "encrypted".into(),
                 mtu: Some(1376),
+                cipher: Some("ChaCha20-Poly1305".into()),
                 connections: 1,
             }],
             connections: vec![ConnectionStatus {

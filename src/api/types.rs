@@ -97,6 +97,10 @@ pub(crate) struct PeerStatus {
     /// Why that overlay (empty for `vxlan`), or why none: `encryption required`, `fast path
     /// disabled`, `vxlan probe lost since 12:03:04 UTC`, ...
     pub(crate) overlay_reason: String,
+    /// The cipher of the sleeve session to the next hop (`none` without a password); absent
+    /// while unreachable.
+    #[serde(default)]
+    pub(crate) cipher: Option<String>,
     /// The container MTU the path to it carries, while reachable.
     #[serde(default)]
     pub(crate) mtu: Option<u32>,

@@ -162,6 +162,10 @@ pub(crate) struct LaunchArgs {
     /// Connect only to peers given here or with `meshctl connect`, not to peers that others announce.
     #[arg(long)]
     pub(crate) no_discovery: bool,
+    /// Force the sleeve's cipher: `chacha20-poly1305` or `aes-256-gcm`. By default AES-256-GCM is
+    /// used with peers where both CPUs have AES instructions, ChaCha20-Poly1305 otherwise.
+    #[arg(long, value_parser = parse_cipher)]
+    pub(crate) cipher: Option<crate::dataplane::sleeve::crypto::Cipher>,
     /// Where to serve Prometheus metrics (`GET /metrics`).
     #[arg(long, default_value = "127.0.0.1:6782", value_name = "ADDR:PORT")]
     pub(crate) metrics_addr: std::net::SocketAddr,
@@ -193,6 +197,11 @@ pub(crate) struct LaunchArgs {
     /// [default: consensus=(number of PEERs given + 1)].
     #[arg(long, value_name = "MODE")]
     pub(crate) ipalloc_init: Option<String>,
+}
+
+fn parse_cipher(s: &str) -> Result<crate::dataplane::sleeve::crypto::Cipher, String> {
+    crate::dataplane::sleeve::crypto::Cipher::parse(s)
+        .ok_or_else(|| format!("unknown cipher {s:?}; choose chacha20-poly1305 or aes-256-gcm"))
 }
 
 /// Where to find (or put) the router's files, from the global flags.

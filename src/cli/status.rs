@@ -58,11 +58,14 @@ fn render(s: &Status) -> String {
                     None => p.overlay_reason.clone(),
                 },
                 p.mtu.map_or_else(dash, |m| m.to_string()),
+                p.cipher.clone().unwrap_or_else(dash),
             ]
         })
         .collect();
     out.push_str(&table(
-        &["NAME", "NICKNAME", "STATE", "NEXT HOP", "OVERLAY", "MTU"],
+        &[
+            "NAME", "NICKNAME", "STATE", "NEXT HOP", "OVERLAY", "MTU", "CIPHER",
+        ],
         &rows,
     ));
     out.push_str(&format!("\nConnections ({}):\n", s.connections.len()));

@@ -30,10 +30,10 @@ use crate::api::types::{
 };
 use crate::dataplane::forwarding::{ForwardingTable, SessionParams};
 use crate::dataplane::overlay::{self, Choice, PeerFacts, ProbeState, PROBE_INTERVAL};
-use crate::dataplane::sleeve::crypto::derive_keys;
+use crate::dataplane::sleeve::crypto::{derive_keys, Cipher};
 use crate::dataplane::sleeve::Counters;
 use crate::dataplane::vxlan::{self, Probe, ProbeEvent, ProbeSend};
-use crate::transport::handshake::{self, HandshakeError, Hello, VxlanHello};
+use crate::transport::handshake::{self, HandshakeError, Hello, HelloExt, VxlanHello};
 use crate::transport::quic::SERVER_NAME;
 
 /// How long a dial or an accepted connection may take to finish the handshake.
@@ -76,6 +76,8 @@ pub(super) struct Settings {
     pub(super) identity: Identity,
     pub(super) nickname: String,
     pub(super) password: Option<String>,
+    /// `--cipher`: the sleeve cipher to insist on, if any.
+    pub(super) cipher: Option<Cipher>,
     pub(super) discovery: bool,
     pub(super) conn_limit: usize,
     /// Where the user targets are saved (`targets`, one address per line) for `launch --resume`.
@@ -158,6 +160,8 @@ struct Local {
     vxlan: Option<VxlanHello>,
     /// Source of unique sleeve receiver indices.
     next_index: AtomicU32,
+    /// What our sleeve can do, sent in every `Hello`.
+    ext: HelloExt,
 }
 
 impl Local {
@@ -168,6 +172,7 @@ impl Local {
             sealed: self.password.is_some(),
             data_port: self.data_port,
             session_index: self.next_index.fetch_add(1, Ordering::Relaxed),
+            ext: self.ext.clone(),
             vxlan: self.vxlan,
         }
     }
@@ -249,6 +254,11 @@ impl Control {
                 mac: f.device.mac,
             }),
             next_index: AtomicU32::new(random_u64() as u32),
+            ext: HelloExt {
+                offload: true,
+                aes_fast: Cipher::aes_is_fast(),
+                cipher: settings.cipher.map(Cipher::code),
+            },
         });
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
         let probe_events = settings.fastpath.as_mut().map(|f| {
@@ -415,6 +425,17 @@ impl Control {
             remote_index: remote.session_index,
             send_key,
             recv_key,
+            cipher: Cipher::negotiate(
+                (
+                    self.local.ext.aes_fast,
+                    self.local.ext.cipher.and_then(Cipher::from_code),
+                ),
+                (
+                    remote.ext.aes_fast,
+                    remote.ext.cipher.and_then(Cipher::from_code),
+                ),
+            ),
+            offload: remote.ext.offload,
         });
         // quinn knows the local address only from packet info, which dialed connections may
         // lack; the route to the peer names it as well.
@@ -995,7 +1016,22 @@ impl Control {
                         (Some(o), r)
                     }
                 };
+                // Traffic on VXLAN is never sealed; on the sleeve it is sealed with the cipher
+                // of the session to the next hop.
+                let cipher = next_hop.and_then(|hop| {
+                    let session = self.conns.values().find(|c| c.peer == hop)?;
+                    let vxlan = overlay.as_deref() == Some("vxlan");
+                    Some(
+                        if sealed && !vxlan {
+                            session.session.cipher.name()
+                        } else {
+                            "none"
+                        }
+                        .to_string(),
+                    )
+                });
                 PeerStatus {
+                    cipher,
                     name: p.name.to_string(),
                     nickname: p.nickname.clone(),
                     reachable: next_hop.is_some(),
@@ -1068,7 +1104,15 @@ impl Control {
             connections,
             ipam: Some(self.ipam_status()),
             sleeve: SleeveStatus {
-                cipher: if sealed { "ChaCha20-Poly1305" } else { "none" }.to_string(),
+                cipher: match (sealed, self.local.ext.cipher.and_then(Cipher::from_code)) {
+                    (false, _) => "none".to_string(),
+                    (true, Some(forced)) => forced.name().to_string(),
+                    (true, None) if self.local.ext.aes_fast => {
+                        "AES-256-GCM where the peer has AES instructions, else ChaCha20-Poly1305"
+                            .to_string()
+                    }
+                    (true, None) => "ChaCha20-Poly1305".to_string(),
+                },
                 rx_datagrams: get("rx_datagrams"),
                 tx_datagrams: get("tx_datagrams"),
                 rx_frames: get("rx_frames"),

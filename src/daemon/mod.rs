@@ -109,7 +109,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     let control_addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.port));
     let data_addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, args.port + 1));
     let endpoint = crate::transport::quic::endpoint(control_addr, identity.pkcs8())?;
-    let data_socket = tokio::net::UdpSocket::bind(data_addr).await.map_err(|e| {
+    let data_socket = std::net::UdpSocket::bind(data_addr).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!(
                 "UDP port {} (sleeve) is already in use; stop the other router or choose another --port",
@@ -222,6 +222,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         identity,
         nickname,
         password: args.password.clone(),
+        cipher: args.cipher,
         discovery: !args.no_discovery,
         conn_limit: usize::from(args.conn_limit),
         state_dir: paths.state_dir.clone(),

@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 use mesh::PeerName;
 
+use super::sleeve::crypto::Cipher;
+
 /// What the data plane needs to exchange sleeve datagrams with one neighbour.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SessionParams {
@@ -29,10 +31,15 @@ pub struct SessionParams {
     pub local_index: u32,
     /// Index we put in `receiver_index` when we send to the neighbour.
     pub remote_index: u32,
-    /// ChaCha20-Poly1305 key for datagrams we send.
+    /// Key for datagrams we send.
     pub send_key: [u8; 32],
-    /// ChaCha20-Poly1305 key for datagrams we receive.
+    /// Key for datagrams we receive.
     pub recv_key: [u8; 32],
+    /// The AEAD both ends agreed on in the handshake.
+    pub cipher: Cipher,
+    /// The neighbour joins super-frame segments and announced it in the handshake; without it,
+    /// super-frames are sent to it as finished TCP frames.
+    pub offload: bool,
 }
 
 // Keys never reach logs.
@@ -43,6 +50,8 @@ impl fmt::Debug for SessionParams {
             .field("remote_addr", &self.remote_addr)
             .field("local_index", &self.local_index)
             .field("remote_index", &self.remote_index)
+            .field("cipher", &self.cipher)
+            .field("offload", &self.offload)
             .finish_non_exhaustive()
     }
 }

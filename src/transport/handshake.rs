@@ -44,11 +44,13 @@ pub(crate) struct Hello {
     pub(crate) data_port: u16,
     /// The receiver index the peer must put on sleeve datagrams for us.
     pub(crate) session_index: u32,
-    /// The kernel VXLAN fast path, if this router offers it. Not part of the postcard `Hello`
-    /// itself: it travels as a second postcard value after the `Step`, which routers without it
-    /// ignore (postcard stops reading at the end of a value) and which may be absent from theirs.
+    /// The kernel VXLAN fast path, if this router offers it: the first value of the trailer
+    /// (see [`emit`]), so `None` when absent.
     #[serde(skip)]
     pub(crate) vxlan: Option<VxlanHello>,
+    /// What this router's sleeve can do: the second value of the trailer, defaults when absent.
+    #[serde(skip)]
+    pub(crate) ext: HelloExt,
 }
 
 /// How to reach a router's VXLAN device.
@@ -60,6 +62,17 @@ pub(crate) struct VxlanHello {
     pub(crate) vni: u32,
     /// MAC address of its VXLAN device (where probes are addressed).
     pub(crate) mac: [u8; 6],
+}
+
+/// What a router's sleeve can do; the second trailer value of its `Hello` (see [`emit`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct HelloExt {
+    /// The sleeve joins super-frame segments (`FLAG_SEGMENT` datagrams).
+    pub(crate) offload: bool,
+    /// The CPU has fast AES instructions.
+    pub(crate) aes_fast: bool,
+    /// The cipher forced with `--cipher` (`Cipher::code`), if any.
+    pub(crate) cipher: Option<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -336,9 +349,11 @@ fn emit(step: &Step) -> Vec<u8> {
     let mut out = vec![PROTOCOL_VERSION];
     out.extend(postcard::to_stdvec(step).expect("invariant: handshake steps always serialize"));
     if let Step::Hello(hello) = step {
-        out.extend(
-            postcard::to_stdvec(&hello.vxlan).expect("invariant: hello extensions serialize"),
-        );
+        // The trailer: extension values in the order they were introduced, each a postcard
+        // value of its own. A reader takes the values it knows and ignores the rest, so a new
+        // extension is only ever appended after the last one.
+        out.extend(postcard::to_stdvec(&hello.vxlan).expect("invariant: VxlanHello serializes"));
+        out.extend(postcard::to_stdvec(&hello.ext).expect("invariant: HelloExt serializes"));
     }
     out
 }
@@ -360,19 +375,33 @@ fn parse(frame: &[u8]) -> Result<Step, HandshakeError> {
             supported: PROTOCOL_VERSION,
         }),
         Some(_) => {
-            let (mut step, rest): (Step, &[u8]) =
-                postcard::take_from_bytes(&frame[1..]).map_err(|e| malformed(&e.to_string()))?;
+            let (mut step, rest) = postcard::take_from_bytes::<Step>(&frame[1..])
+                .map_err(|e| malformed(&e.to_string()))?;
             if let Step::Hello(hello) = &mut step {
-                // Absent from older routers; trailing values after it are for newer ones.
-                if !rest.is_empty() {
-                    let (vxlan, _): (Option<VxlanHello>, _) = postcard::take_from_bytes(rest)
-                        .map_err(|e| malformed(&format!("hello extension: {e}")))?;
-                    hello.vxlan = vxlan;
-                }
+                read_trailer(hello, rest)?;
             }
             Ok(step)
         }
     }
+}
+
+/// Reads the extension values after a `Hello` (see [`emit`]). Older routers stop early: what
+/// they don't send keeps its default (no fast path, no offload, ChaCha20). Values from newer
+/// routers after the last one known here are ignored.
+fn read_trailer(hello: &mut Hello, rest: &[u8]) -> Result<(), HandshakeError> {
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let (vxlan, rest) = postcard::take_from_bytes::<Option<VxlanHello>>(rest)
+        .map_err(|e| malformed(&format!("hello extension (vxlan): {e}")))?;
+    hello.vxlan = vxlan;
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let (ext, _newer) = postcard::take_from_bytes::<HelloExt>(rest)
+        .map_err(|e| malformed(&format!("hello extension (sleeve): {e}")))?;
+    hello.ext = ext;
+    Ok(())
 }
 
 fn malformed(reason: &str) -> HandshakeError {
@@ -439,6 +468,11 @@ mod tests {
             data_port: 6784,
             session_index: 7,
             vxlan: None,
+            ext: HelloExt {
+                offload: true,
+                aes_fast: true,
+                cipher: Some(2),
+            },
         }
     }
 
@@ -483,25 +517,108 @@ mod tests {
         assert_ne!(a.finish(&mb).unwrap(), b.finish(&ma).unwrap());
     }
 
-    #[test]
-    fn hello_extension_round_trips_and_older_hellos_still_parse() {
-        let mut ours = hello(false);
-        ours.vxlan = Some(VxlanHello {
-            port: 6785,
+    /// The `Hello` of a router that predates the trailer.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct OldHello {
+        name: PeerName,
+        nickname: String,
+        sealed: bool,
+        data_port: u16,
+        session_index: u32,
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    enum OldStep {
+        Hello(OldHello),
+    }
+
+    fn vxlan_hello() -> VxlanHello {
+        VxlanHello {
+            port: 6786,
             vni: 42,
             mac: [2, 0, 0, 0, 0, 1],
+        }
+    }
+
+    /// What a router sends whose trailer holds only the given values.
+    fn old_frame(hello: &Hello, vxlan: Option<Option<VxlanHello>>) -> Vec<u8> {
+        let old = OldStep::Hello(OldHello {
+            name: hello.name,
+            nickname: hello.nickname.clone(),
+            sealed: hello.sealed,
+            data_port: hello.data_port,
+            session_index: hello.session_index,
         });
-        match parse(&emit(&Step::Hello(ours.clone()))) {
-            Ok(Step::Hello(h)) => assert_eq!(h, ours),
-            _ => panic!("hello with vxlan must parse"),
+        let mut frame = vec![PROTOCOL_VERSION];
+        frame.extend(postcard::to_stdvec(&old).unwrap());
+        if let Some(vxlan) = vxlan {
+            frame.extend(postcard::to_stdvec(&vxlan).unwrap());
         }
-        // What a router without the extension sends: the Step alone.
-        let mut old = vec![PROTOCOL_VERSION];
-        old.extend(postcard::to_stdvec(&Step::Hello(hello(false))).unwrap());
-        match parse(&old) {
-            Ok(Step::Hello(h)) => assert_eq!(h.vxlan, None),
-            _ => panic!("hello without vxlan must parse"),
+        frame
+    }
+
+    #[test]
+    fn hello_trailer_round_trips() {
+        for vxlan in [None, Some(vxlan_hello())] {
+            let mut ours = hello(true);
+            ours.vxlan = vxlan;
+            match parse(&emit(&Step::Hello(ours.clone()))).unwrap() {
+                Step::Hello(h) => assert_eq!(h, ours),
+                _ => panic!("expected Hello"),
+            }
         }
+    }
+
+    #[test]
+    fn older_routers_read_our_hello() {
+        let mut ours = hello(true);
+        ours.vxlan = Some(vxlan_hello());
+        let frame = emit(&Step::Hello(ours));
+        // A router without any extension reads the Hello and ignores the trailer.
+        let (OldStep::Hello(old), _) = postcard::take_from_bytes::<OldStep>(&frame[1..]).unwrap();
+        assert_eq!(old.session_index, 7);
+        // A router that knows only the VXLAN value reads it and ignores what follows.
+        let (_, rest) = postcard::take_from_bytes::<OldStep>(&frame[1..]).unwrap();
+        let (vxlan, rest) = postcard::take_from_bytes::<Option<VxlanHello>>(rest).unwrap();
+        assert_eq!(vxlan, Some(vxlan_hello()));
+        assert!(!rest.is_empty(), "the sleeve extension follows");
+    }
+
+    #[test]
+    fn we_read_older_and_newer_routers_hellos() {
+        let ours = hello(false);
+        // No trailer at all: no fast path, default sleeve capabilities.
+        match parse(&old_frame(&ours, None)).unwrap() {
+            Step::Hello(h) => {
+                assert_eq!((h.vxlan, h.ext), (None, HelloExt::default()));
+                assert_eq!(h.session_index, 7);
+            }
+            _ => panic!("expected Hello"),
+        }
+        // Only the VXLAN value: the fast path, default sleeve capabilities.
+        match parse(&old_frame(&ours, Some(Some(vxlan_hello())))).unwrap() {
+            Step::Hello(h) => {
+                assert_eq!((h.vxlan, h.ext), (Some(vxlan_hello()), HelloExt::default()));
+            }
+            _ => panic!("expected Hello"),
+        }
+        // A newer router's values after the ones known here are ignored.
+        let mut newer = emit(&Step::Hello(ours.clone()));
+        newer.extend_from_slice(&[7, 1, 2, 3, 0xff]);
+        match parse(&newer).unwrap() {
+            Step::Hello(h) => assert_eq!(h, ours),
+            _ => panic!("expected Hello"),
+        }
+    }
+
+    #[test]
+    fn malformed_trailer_is_named() {
+        let mut frame = old_frame(&hello(false), None);
+        frame.push(9); // not an Option tag
+        let err = parse(&frame)
+            .err()
+            .expect("a bad extension must be refused");
+        assert!(err.to_string().contains("hello extension"), "{err}");
     }
 
     #[test]

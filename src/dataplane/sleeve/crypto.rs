@@ -1,7 +1,8 @@
 //! Sealing and opening sleeve bodies, and deriving the per-direction session keys.
 //!
-//! ChaCha20-Poly1305 (`ring`), with the 16-byte outer header as associated data and the nonce
-//! `4 zero bytes || counter BE`. Sans-IO: no sockets, no clock, no randomness.
+//! ChaCha20-Poly1305 or AES-256-GCM (`ring`, negotiated per session: see [`Cipher::negotiate`]),
+//! with the 16-byte outer header as associated data and the nonce `4 zero bytes || counter BE`.
+//! Sans-IO: no sockets, no clock, no randomness.
 //!
 //! Not here: choosing counters (the sleeve task owns one per session and never reuses one),
 //! replay protection (`replay.rs`), and agreeing on the secret (the control connection).
@@ -10,7 +11,7 @@
 //! this module keeps no state between calls.
 
 use mesh::PeerName;
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 use ring::hkdf;
 
 use super::frame::{peer_to_bytes, HEADER_LEN};
@@ -32,9 +33,93 @@ fn nonce(counter: u64) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
-fn less_safe_key(key: &[u8; 32]) -> LessSafeKey {
-    let unbound =
-        UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte key fits ChaCha20-Poly1305");
+/// The AEAD a session seals with. Both ends of a session use the same one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Cipher {
+    /// ChaCha20-Poly1305: fast everywhere, the default and the fallback.
+    #[default]
+    ChaCha20Poly1305,
+    /// AES-256-GCM: about 3-4x faster than ChaCha20 on CPUs with AES and carry-less multiply
+    /// instructions, much slower without them.
+    Aes256Gcm,
+}
+
+impl Cipher {
+    /// The name shown in status and accepted by `--cipher`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cipher::ChaCha20Poly1305 => "ChaCha20-Poly1305",
+            Cipher::Aes256Gcm => "AES-256-GCM",
+        }
+    }
+
+    /// Parses a `--cipher` value (case-insensitive; `chacha20`, `aes`, `aes-256-gcm`, ...).
+    pub fn parse(s: &str) -> Option<Cipher> {
+        match s.to_ascii_lowercase().as_str() {
+            "chacha20-poly1305" | "chacha20poly1305" | "chacha20" | "chacha" => {
+                Some(Cipher::ChaCha20Poly1305)
+            }
+            "aes-256-gcm" | "aes256gcm" | "aes-gcm" | "aes" => Some(Cipher::Aes256Gcm),
+            _ => None,
+        }
+    }
+
+    /// Wire code in the handshake.
+    pub fn code(self) -> u8 {
+        match self {
+            Cipher::ChaCha20Poly1305 => 1,
+            Cipher::Aes256Gcm => 2,
+        }
+    }
+
+    /// Inverse of [`Cipher::code`].
+    pub fn from_code(code: u8) -> Option<Cipher> {
+        match code {
+            1 => Some(Cipher::ChaCha20Poly1305),
+            2 => Some(Cipher::Aes256Gcm),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU has the instructions that make AES-256-GCM fast.
+    pub fn aes_is_fast() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("aes")
+                && std::arch::is_x86_feature_detected!("pclmulqdq")
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            std::arch::is_aarch64_feature_detected!("aes")
+                && std::arch::is_aarch64_feature_detected!("pmull")
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            false
+        }
+    }
+
+    /// The cipher both ends of a session use, computed the same way on both from what each
+    /// announced: a forced ChaCha20 on either side wins, then a forced AES; otherwise AES-256-GCM
+    /// when both have fast AES, else ChaCha20-Poly1305. Symmetric in its arguments.
+    pub fn negotiate(a: (bool, Option<Cipher>), b: (bool, Option<Cipher>)) -> Cipher {
+        let forced = [a.1, b.1];
+        if forced.contains(&Some(Cipher::ChaCha20Poly1305)) {
+            Cipher::ChaCha20Poly1305
+        } else if forced.contains(&Some(Cipher::Aes256Gcm)) || (a.0 && b.0) {
+            Cipher::Aes256Gcm
+        } else {
+            Cipher::ChaCha20Poly1305
+        }
+    }
+}
+
+fn less_safe_key(cipher: Cipher, key: &[u8; 32]) -> LessSafeKey {
+    let alg = match cipher {
+        Cipher::ChaCha20Poly1305 => &CHACHA20_POLY1305,
+        Cipher::Aes256Gcm => &AES_256_GCM,
+    };
+    let unbound = UnboundKey::new(alg, key).expect("a 32-byte key fits both AEADs");
     LessSafeKey::new(unbound)
 }
 
@@ -42,9 +127,15 @@ fn less_safe_key(key: &[u8; 32]) -> LessSafeKey {
 pub struct SealingKey(LessSafeKey);
 
 impl SealingKey {
-    /// Builds the key from 32 bytes of key material.
+    /// Builds a ChaCha20-Poly1305 key from 32 bytes of key material.
+    #[cfg(test)]
     pub fn new(key: &[u8; 32]) -> Self {
-        Self(less_safe_key(key))
+        Self::with_cipher(Cipher::ChaCha20Poly1305, key)
+    }
+
+    /// Builds a key for `cipher` from 32 bytes of key material.
+    pub fn with_cipher(cipher: Cipher, key: &[u8; 32]) -> Self {
+        Self(less_safe_key(cipher, key))
     }
 
     /// Seals `buf` (the body) in place and appends the tag.
@@ -65,7 +156,7 @@ impl SealingKey {
         let tag = self
             .0
             .seal_in_place_separate_tag(nonce(counter), Aad::from(header), body)
-            .expect("ChaCha20-Poly1305 seals any body shorter than 256 GiB");
+            .expect("both AEADs seal any body shorter than 64 GiB");
         let mut out = [0u8; TAG_LEN];
         out.copy_from_slice(tag.as_ref());
         out
@@ -76,9 +167,15 @@ impl SealingKey {
 pub struct OpeningKey(LessSafeKey);
 
 impl OpeningKey {
-    /// Builds the key from 32 bytes of key material.
+    /// Builds a ChaCha20-Poly1305 key from 32 bytes of key material.
+    #[cfg(test)]
     pub fn new(key: &[u8; 32]) -> Self {
-        Self(less_safe_key(key))
+        Self::with_cipher(Cipher::ChaCha20Poly1305, key)
+    }
+
+    /// Builds a key for `cipher` from 32 bytes of key material.
+    pub fn with_cipher(cipher: Cipher, key: &[u8; 32]) -> Self {
+        Self(less_safe_key(cipher, key))
     }
 
     /// Opens `buf` (the sealed body with its tag) in place and returns the plaintext part.
@@ -169,6 +266,51 @@ mod tests {
             Err(OpenError),
             "other counter"
         );
+    }
+
+    #[test]
+    fn aes_round_trips_and_differs_from_chacha() {
+        let key = [9u8; 32];
+        let mut a = b"frames".to_vec();
+        SealingKey::with_cipher(Cipher::Aes256Gcm, &key).seal(&HEADER, 1, &mut a);
+        let mut c = b"frames".to_vec();
+        SealingKey::new(&key).seal(&HEADER, 1, &mut c);
+        assert_ne!(a, c);
+        let mut b = a.clone();
+        let opened = OpeningKey::with_cipher(Cipher::Aes256Gcm, &key).open(&HEADER, 1, &mut b);
+        assert_eq!(opened.unwrap(), b"frames");
+        assert_eq!(
+            OpeningKey::new(&key).open(&HEADER, 1, &mut a),
+            Err(OpenError)
+        );
+    }
+
+    #[test]
+    fn negotiation_is_symmetric() {
+        use Cipher::*;
+        let cases = [
+            ((true, None), (true, None), Aes256Gcm),
+            ((true, None), (false, None), ChaCha20Poly1305),
+            ((false, Some(Aes256Gcm)), (false, None), Aes256Gcm),
+            (
+                (true, Some(ChaCha20Poly1305)),
+                (true, Some(Aes256Gcm)),
+                ChaCha20Poly1305,
+            ),
+            (
+                (true, Some(ChaCha20Poly1305)),
+                (true, None),
+                ChaCha20Poly1305,
+            ),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(Cipher::negotiate(a, b), want, "{a:?} {b:?}");
+            assert_eq!(Cipher::negotiate(b, a), want, "{b:?} {a:?}");
+        }
+        for c in [ChaCha20Poly1305, Aes256Gcm] {
+            assert_eq!(Cipher::from_code(c.code()), Some(c));
+            assert_eq!(Cipher::parse(c.name()), Some(c));
+        }
     }
 
     #[test]

@@ -2,11 +2,19 @@
 //!
 //! ```text
 //! header (16 bytes, the AEAD's associated data)
-//!   [kind u8][flags u8 (FLAG_RELAY_ONLY)][reserved u16 = 0][receiver_index u32 BE][counter u64 BE]
+//!   [kind u8][flags u8: FLAG_SEGMENT | FLAG_RELAY_ONLY][reserved u16 = 0][receiver_index u32 BE]
+//!   [counter u64 BE]
 //! body (the plaintext; sealed datagrams append a 16-byte tag after it)
 //!   [src peer 6][dst peer 6, all zero = broadcast][hop_limit u8][frame_count u8]
 //!   frame_count x [len u16 BE][ethernet frame]
+//! segment body (header flag FLAG_SEGMENT; only sent to peers that announced offload support)
+//!   [src peer 6][dst peer 6][hop_limit u8][reserved u8 = 0]
+//!   [gso_type u8][reserved u8][hdr_len u16][gso_size u16][csum_start u16][csum_offset u16]
+//!   [group u32][index u16][count u16]
+//!   [hdr_len bytes: the super-frame's headers][payload bytes index*gso_size.. of the super-frame]
 //! ```
+//! A segment is one chunk of a TCP super-frame (see `offload.rs`); the receiver joins consecutive
+//! chunks of a group back into a super-frame.
 //!
 //! Parsing borrows the input and never allocates; emitting writes into caller-owned buffers.
 //! Nothing here touches keys or sockets (`crypto.rs`, `mod.rs`).
@@ -28,10 +36,14 @@ pub const ETHERNET_HEADER_LEN: usize = 14;
 pub const HOP_LIMIT_OFFSET: usize = 12;
 /// Offset of `frame_count` within the body.
 pub const FRAME_COUNT_OFFSET: usize = 13;
+/// Header flag: the body is one segment of a super-frame.
+pub const FLAG_SEGMENT: u8 = 0x01;
 /// Header flag: the receiver already got these frames over kernel VXLAN from the source; it
 /// must only relay them along the source's broadcast tree, not deliver them to its TAP.
 /// Only ever sent to peers that advertised VXLAN support.
-pub const FLAG_RELAY_ONLY: u8 = 0x01;
+pub const FLAG_RELAY_ONLY: u8 = 0x02;
+/// Length of [`SegmentMeta`] on the wire.
+pub const SEGMENT_META_LEN: usize = 18;
 
 /// Why a datagram could not be parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +72,9 @@ pub enum FrameError {
     /// The body announces no frames.
     #[error("body holds no frames")]
     NoFrames,
+    /// A segment's metadata does not fit its payload.
+    #[error("inconsistent segment metadata")]
+    BadSegment,
     /// Bytes follow the last announced frame.
     #[error("{len} bytes after the last frame")]
     TrailingBytes {
@@ -82,7 +97,7 @@ pub enum Kind {
 pub struct Header {
     /// Sealed or plain.
     pub kind: Kind,
-    /// Reserved for future use; sent as 0, ignored on receipt.
+    /// [`FLAG_SEGMENT`] and [`FLAG_RELAY_ONLY`] bits; other bits are ignored on receipt.
     pub flags: u8,
     /// The receiver's `local_index` for the session.
     pub receiver_index: u32,
@@ -177,6 +192,21 @@ impl BodyHeader {
         ))
     }
 
+    /// Parses only the 14-byte body header, for segment bodies. Returns the header and the rest.
+    pub fn parse_head(body: &[u8]) -> Result<(BodyHeader, &[u8]), FrameError> {
+        let (head, rest) = body
+            .split_first_chunk::<BODY_HEADER_LEN>()
+            .ok_or(FrameError::Truncated)?;
+        let dst = peer_from_bytes(&head[6..12]);
+        let header = BodyHeader {
+            src: peer_from_bytes(&head[0..6]),
+            dst: (dst.0 != 0).then_some(dst),
+            hop_limit: head[HOP_LIMIT_OFFSET],
+            frame_count: head[FRAME_COUNT_OFFSET],
+        };
+        Ok((header, rest))
+    }
+
     /// Appends the body header to `out`. Frames follow with [`push_frame`].
     pub fn emit(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&peer_to_bytes(self.src));
@@ -195,6 +225,79 @@ pub fn push_frame(out: &mut Vec<u8>, frame: &[u8]) {
     let len = u16::try_from(frame.len()).expect("frames are read into buffers of at most 64 KiB");
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(frame);
+}
+
+/// Where a segment belongs in its super-frame, and the offload metadata to rebuild it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentMeta {
+    /// `GSO_TCPV4` or `GSO_TCPV6` (maybe with `GSO_ECN`).
+    pub gso_type: u8,
+    /// Length of the headers that start the chunk.
+    pub hdr_len: u16,
+    /// Payload bytes per segment; every chunk but the last carries exactly this many.
+    pub gso_size: u16,
+    /// Offset of the TCP header.
+    pub csum_start: u16,
+    /// Offset of the TCP checksum within the TCP header.
+    pub csum_offset: u16,
+    /// Identifies the super-frame among the sender's.
+    pub group: u32,
+    /// Position of this chunk in the super-frame.
+    pub index: u16,
+    /// Number of chunks in the super-frame.
+    pub count: u16,
+}
+
+impl SegmentMeta {
+    /// Parses the metadata at the start of `rest` (what follows the body header) and returns it
+    /// with the chunk (headers and payload). Checks that the chunk fits the metadata.
+    pub fn parse(rest: &[u8]) -> Result<(SegmentMeta, &[u8]), FrameError> {
+        let (m, chunk) = rest
+            .split_first_chunk::<SEGMENT_META_LEN>()
+            .ok_or(FrameError::Truncated)?;
+        let u = |i: usize| u16::from_be_bytes([m[i], m[i + 1]]);
+        let meta = SegmentMeta {
+            gso_type: m[0],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+            group: u32::from_be_bytes([m[10], m[11], m[12], m[13]]),
+            index: u(14),
+            count: u(16),
+        };
+        let headers = usize::from(meta.hdr_len);
+        let payload = chunk
+            .len()
+            .checked_sub(headers)
+            .ok_or(FrameError::Truncated)?;
+        let consistent = meta.index < meta.count
+            && meta.gso_size > 0
+            && headers >= ETHERNET_HEADER_LEN
+            && meta.csum_start < meta.hdr_len
+            && payload <= usize::from(meta.gso_size)
+            && (payload == usize::from(meta.gso_size) || meta.index + 1 == meta.count);
+        if !consistent {
+            return Err(FrameError::BadSegment);
+        }
+        Ok((meta, chunk))
+    }
+
+    /// Appends the metadata to `out`; the headers and payload follow.
+    pub fn emit(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&[self.gso_type, 0]);
+        for v in [
+            self.hdr_len,
+            self.gso_size,
+            self.csum_start,
+            self.csum_offset,
+        ] {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+        out.extend_from_slice(&self.group.to_be_bytes());
+        out.extend_from_slice(&self.index.to_be_bytes());
+        out.extend_from_slice(&self.count.to_be_bytes());
+    }
 }
 
 /// The frames of a parsed body, in order.
@@ -340,6 +443,51 @@ mod tests {
             BodyHeader::parse(&short).unwrap_err(),
             FrameError::BadFrameLength { len: 13 }
         );
+    }
+
+    #[test]
+    fn header_flags_are_distinct_bits_and_round_trip() {
+        assert_eq!(FLAG_SEGMENT & FLAG_RELAY_ONLY, 0);
+        for flags in [0, FLAG_SEGMENT, FLAG_RELAY_ONLY] {
+            let mut out = [0u8; HEADER_LEN];
+            Header {
+                kind: Kind::Sealed,
+                flags,
+                receiver_index: 3,
+                counter: 4,
+            }
+            .emit(&mut out);
+            assert_eq!(Header::parse(&out).unwrap().0.flags, flags);
+        }
+    }
+
+    #[test]
+    fn segment_meta_round_trips_and_checks_sizes() {
+        let meta = SegmentMeta {
+            gso_type: 1,
+            hdr_len: 54,
+            gso_size: 100,
+            csum_start: 34,
+            csum_offset: 16,
+            group: 7,
+            index: 1,
+            count: 3,
+        };
+        let mut out = Vec::new();
+        meta.emit(&mut out);
+        assert_eq!(out.len(), SEGMENT_META_LEN);
+        out.extend_from_slice(&[0u8; 154]);
+        let (parsed, chunk) = SegmentMeta::parse(&out).unwrap();
+        assert_eq!(parsed, meta);
+        assert_eq!(chunk.len(), 154);
+        // A middle chunk must be exactly gso_size long.
+        assert_eq!(
+            SegmentMeta::parse(&out[..out.len() - 1]),
+            Err(FrameError::BadSegment)
+        );
+        for n in 0..out.len() {
+            let _ = SegmentMeta::parse(&out[..n]);
+        }
     }
 
     #[test]

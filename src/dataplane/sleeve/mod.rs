@@ -1,54 +1,69 @@
 //! The sleeve: a userspace UDP overlay that carries Ethernet frames between peers.
 //!
-//! One task ([`run`]) owns everything that changes per packet: the MAC table (which peer owns a
-//! MAC), and per session the send counter and the replay window. It selects over TAP reads, UDP
-//! reads and new forwarding tables, so no locks are needed. Routes and keys come from the
-//! [`ForwardingTable`] the control loop publishes; the sleeve never waits on the control loop.
+//! Two threads move the bytes, one per direction, so that both cores work at full speed:
+//! - `tx` reads frames from the TAP (TCP super-frames of up to 64 KiB with their virtio-net
+//!   header), cuts super-frames into one sealed datagram per TCP segment for peers that support
+//!   offloads (or into finished TCP frames for those that don't), packs small frames several to a
+//!   datagram, and sends datagrams of equal size with one UDP GSO `sendmsg`.
+//! - `rx` receives GRO batches, opens each datagram, joins the segments of a super-frame back
+//!   together and writes it into the TAP with its virtio-net header, and relays what is not for
+//!   us along the routes.
+//!
+//! The async [`run`] task owns neither: it adopts each new [`ForwardingTable`] into a [`Snapshot`]
+//! (keeping the send counters of sessions whose keys did not change) and publishes it through an
+//! `ArcSwap` that both threads read once per packet batch; the sleeve never waits on the control
+//! loop. Per-session send counters are atomics shared by both threads (both may send to the same
+//! neighbour: `tx` originates, `rx` relays); replay windows and the MAC table belong to `rx`,
+//! which tells `tx` about every newly learned MAC through a channel.
+//!
+//! Peers on the kernel VXLAN fast path (`ForwardingTable::vxlan`) keep their sleeve sessions but
+//! get only our own broadcasts from it, flagged relay-only, so that they relay them to their
+//! subtrees (each container then sees each broadcast exactly once); both threads forget the MACs
+//! of peers that move to VXLAN and `tx` never unicasts to one.
 //!
 //! Not here: the wire format (`frame.rs`), sealing (`crypto.rs`), replay windows (`replay.rs`),
-//! opening the TAP (`dataplane::tap`), computing routes or keys (control plane).
+//! offload arithmetic (`offload.rs`), the socket's GSO/GRO (`udp.rs`), opening the TAP
+//! (`dataplane::tap`), computing routes or keys (control plane).
 //!
-//! Invariants: a session's send counter only grows while its keys stay the same; MACs are learned
-//! only from authenticated datagrams, never from frames our own TAP gave us; every dropped frame or
-//! datagram is counted in [`Counters`]. Weave equivalent: `router/sleeve.go`.
+//! Invariants: a session's counter is used at most once per key (one atomic per session, shared
+//! by both threads); MACs are learned only from authenticated datagrams, never from frames our own
+//! TAP gave us; every dropped frame or datagram is counted in [`Counters`]. Weave equivalent:
+//! `router/sleeve.go`.
 
 pub mod crypto;
 pub mod frame;
+pub mod offload;
 pub mod replay;
+mod rx;
+mod tx;
+pub mod udp;
 
-use std::collections::{BTreeMap, HashMap};
-use std::io;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use mesh::PeerName;
-use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use self::crypto::{OpeningKey, SealingKey, TAG_LEN};
-use self::frame::{
-    BodyHeader, FrameError, Header, Kind, ETHERNET_HEADER_LEN, FLAG_RELAY_ONLY, FRAME_COUNT_OFFSET,
-    HEADER_LEN,
-};
-use self::replay::ReplayWindow;
+use self::crypto::{SealingKey, TAG_LEN};
+use self::frame::{Header, Kind, HEADER_LEN};
+use self::udp::{Udp, SEND_MAX_BYTES};
 use super::forwarding::{ForwardingTable, SessionParams};
+use super::tap::Tap;
 
 /// Hop limit of bodies we originate.
 pub const HOP_LIMIT: u8 = 16;
 
-/// Frames read from the TAP in one burst are packed into one datagram while its body stays under
-/// this many bytes (a first frame always goes, whatever its size).
-const BATCH_BODY_MAX: usize = 1400;
-/// At most this many TAP frames are read per wakeup, so UDP input is not starved.
-const BURST_FRAMES_MAX: usize = 64;
-/// Largest datagram or frame we read.
-const BUF_LEN: usize = u16::MAX as usize;
 /// Learned MACs beyond this many are not recorded (bounds memory a misbehaving peer can use).
 const MACS_MAX: usize = 65_536;
 /// Send counters stop here; the control plane must rotate keys before.
 const COUNTER_MAX: u64 = u64::MAX - (1 << 16);
+/// How often the threads look at the stop flag when idle.
+const IDLE_POLL: Duration = Duration::from_millis(100);
 
 /// Packet and drop counts, shared with the status API.
 ///
@@ -60,9 +75,9 @@ pub struct Counters {
     pub rx_datagrams: AtomicU64,
     /// Datagrams sent on the UDP socket.
     pub tx_datagrams: AtomicU64,
-    /// Frames received in accepted datagrams.
+    /// Frames (or super-frame segments) received in accepted datagrams.
     pub rx_frames: AtomicU64,
-    /// Frames sent (once per datagram that carried them).
+    /// Frames (or super-frame segments) sent (once per datagram that carried them).
     pub tx_frames: AtomicU64,
     /// Bytes of received datagrams.
     pub rx_bytes: AtomicU64,
@@ -88,13 +103,15 @@ pub struct Counters {
     pub drop_no_route: AtomicU64,
     /// Frames the TAP refused.
     pub drop_tap_write: AtomicU64,
+    /// Frames from our TAP whose offload metadata we can't use.
+    pub drop_bad_tap_frame: AtomicU64,
 }
 
 impl Counters {
     /// All counters by name, for the status JSON. Drop counters are named by reason alone
     /// ("malformed", "truncated", ...).
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        let all: [(&'static str, &AtomicU64); 16] = [
+        let all: [(&'static str, &AtomicU64); 17] = [
             ("rx_datagrams", &self.rx_datagrams),
             ("tx_datagrams", &self.tx_datagrams),
             ("rx_frames", &self.rx_frames),
@@ -111,6 +128,7 @@ impl Counters {
             ("hop_limit", &self.drop_hop_limit),
             ("no_route", &self.drop_no_route),
             ("tap_write", &self.drop_tap_write),
+            ("bad_tap_frame", &self.drop_bad_tap_frame),
         ];
         all.iter()
             .map(|(name, c)| (*name, c.load(Ordering::Relaxed)))
@@ -140,69 +158,137 @@ fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
+/// The sending half of a session, shared by both threads.
+struct TxSession {
+    params: Arc<SessionParams>,
+    sealing: SealingKey,
+    /// Next counter to use; shared so that a counter is never used twice under one key.
+    counter: AtomicU64,
+}
+
+impl TxSession {
+    fn new(params: Arc<SessionParams>) -> Self {
+        Self {
+            sealing: SealingKey::with_cipher(params.cipher, &params.send_key),
+            counter: AtomicU64::new(0),
+            params,
+        }
+    }
+}
+
+/// Whether two session parameter sets share keys, so that counters and replay windows carry over.
+fn same_keys(a: &SessionParams, b: &SessionParams) -> bool {
+    a.local_index == b.local_index
+        && a.send_key == b.send_key
+        && a.recv_key == b.recv_key
+        && a.cipher == b.cipher
+}
+
+/// What both threads read: the routes, and the sending halves of the sessions.
+struct Snapshot {
+    table: Arc<ForwardingTable>,
+    sessions: BTreeMap<PeerName, Arc<TxSession>>,
+}
+
+impl Snapshot {
+    /// Adopts `table`, keeping the sending state of sessions whose keys did not change.
+    fn adopt(&self, table: Arc<ForwardingTable>) -> Snapshot {
+        let sessions = table
+            .sessions
+            .iter()
+            .map(|(peer, params)| {
+                let session = match self.sessions.get(peer) {
+                    Some(s) if same_keys(&s.params, params) => s.clone(),
+                    _ => Arc::new(TxSession::new(params.clone())),
+                };
+                (*peer, session)
+            })
+            .collect();
+        Snapshot { table, sessions }
+    }
+}
+
+/// What the threads share.
+struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    stop: AtomicBool,
+    counters: Arc<Counters>,
+    udp: Udp,
+    tap: Tap,
+}
+
+/// Sets the stop flag when the [`run`] future ends or is dropped (the daemon aborts it).
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Runs the sleeve until the forwarding table's sender is dropped (then returns `Ok`) or the TAP
 /// or UDP socket fails.
 pub async fn run(
-    tap: tun_rs::AsyncDevice,
-    udp: UdpSocket,
+    tap: Tap,
+    udp: std::net::UdpSocket,
     mut table: watch::Receiver<Arc<ForwardingTable>>,
     counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
     let first = table.borrow_and_update().clone();
-    let mut sleeve = Sleeve::new(first, udp, tap, counters);
-    let mut udp_buf = vec![0u8; BUF_LEN];
-    let mut tap_buf = vec![0u8; BUF_LEN];
-    let mut batch = Batch::default();
-    loop {
-        tokio::select! {
-            read = sleeve.tap.recv(&mut tap_buf) => {
-                let len = read.context("read frame from tap")?;
-                sleeve.handle_tap_burst(&mut tap_buf, len, &mut batch).await?;
-            }
-            read = sleeve.udp.recv_from(&mut udp_buf) => match read {
-                Ok((len, from)) => sleeve.handle_datagram(&mut udp_buf[..len], from).await,
-                // ICMP errors reported by the kernel for earlier sends; not fatal.
-                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset) => {
-                    tracing::debug!(error = %e, "sleeve socket reported an error");
+    let empty = Snapshot {
+        table: Arc::new(ForwardingTable::empty(first.me, first.sealed)),
+        sessions: BTreeMap::new(),
+    };
+    let udp = Udp::new(udp).context("set up sleeve socket (GSO/GRO)")?;
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(empty.adopt(first)),
+        stop: AtomicBool::new(false),
+        counters,
+        udp,
+        tap,
+    });
+    let _stop = StopOnDrop(shared.clone());
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<anyhow::Error>();
+    let (macs_tx, macs_rx) = std::sync::mpsc::channel();
+    let spawn = |name: &str, body: Box<dyn FnOnce() -> anyhow::Result<()> + Send>| {
+        let failed = failed_tx.clone();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                if let Err(e) = body() {
+                    let _ = failed.send(e);
                 }
-                Err(e) => return Err(e).context("receive datagram on sleeve socket"),
-            },
+            })
+            .with_context(|| format!("start thread {name}"))
+    };
+    let tx_shared = shared.clone();
+    let rx_shared = shared.clone();
+    let threads = [
+        spawn("sleeve-tx", Box::new(move || tx::run(&tx_shared, macs_rx)))?,
+        spawn("sleeve-rx", Box::new(move || rx::run(&rx_shared, macs_tx)))?,
+    ];
+    let result = loop {
+        tokio::select! {
             changed = table.changed() => {
                 if changed.is_err() {
-                    return Ok(());
+                    break Ok(());
                 }
                 let next = table.borrow_and_update().clone();
-                sleeve.apply_table(next);
+                let adopted = shared.snapshot.load().adopt(next);
+                shared.snapshot.store(Arc::new(adopted));
             }
+            Some(e) = failed_rx.recv() => break Err(e),
         }
-    }
-}
-
-/// Per-session state the sleeve task owns.
-struct Session {
-    params: Arc<SessionParams>,
-    sealing: SealingKey,
-    opening: OpeningKey,
-    send_counter: u64,
-    replay: ReplayWindow,
-}
-
-impl Session {
-    fn new(params: Arc<SessionParams>) -> Self {
-        Self {
-            sealing: SealingKey::new(&params.send_key),
-            opening: OpeningKey::new(&params.recv_key),
-            send_counter: 0,
-            replay: ReplayWindow::new(),
-            params,
+    };
+    shared.stop.store(true, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
         }
-    }
-
-    fn same_keys(&self, other: &SessionParams) -> bool {
-        self.params.local_index == other.local_index
-            && self.params.send_key == other.send_key
-            && self.params.recv_key == other.recv_key
-    }
+    })
+    .await
+    .context("join sleeve threads")?;
+    result
 }
 
 /// Where a body goes.
@@ -212,348 +298,109 @@ enum Dest {
     Peer(PeerName),
 }
 
-/// Plaintext body being filled with frames from the TAP, all for one destination.
-#[derive(Default)]
-struct Batch {
-    dest: Option<Dest>,
-    body: Vec<u8>,
-    frames: u8,
-}
-
-struct Sleeve {
-    table: Arc<ForwardingTable>,
-    sessions: BTreeMap<PeerName, Session>,
-    by_index: HashMap<u32, PeerName>,
-    macs: HashMap<[u8; 6], PeerName>,
-    counters: Arc<Counters>,
-    /// Outgoing datagram, reused.
+/// Seals datagrams into one buffer and sends runs of equal-sized datagrams to one address with
+/// a single GSO `sendmsg`. Each thread has its own.
+struct Sender {
+    shared: Arc<Shared>,
+    /// Datagrams sealed but not yet sent, back to back.
     out: Vec<u8>,
-    udp: UdpSocket,
-    tap: tun_rs::AsyncDevice,
+    to: Option<SocketAddr>,
+    /// Size of every datagram in `out` but maybe the last.
+    segment: usize,
+    segments: usize,
+    /// A datagram shorter than `segment` ended the run.
+    closed: bool,
+    frames: u64,
 }
 
-impl Sleeve {
-    fn new(
-        table: Arc<ForwardingTable>,
-        udp: UdpSocket,
-        tap: tun_rs::AsyncDevice,
-        counters: Arc<Counters>,
-    ) -> Self {
-        let mut sleeve = Self {
-            table: Arc::new(ForwardingTable::empty(table.me, table.sealed)),
-            sessions: BTreeMap::new(),
-            by_index: HashMap::new(),
-            macs: HashMap::new(),
-            counters,
-            out: Vec::with_capacity(BUF_LEN + TAG_LEN),
-            udp,
-            tap,
-        };
-        sleeve.apply_table(table);
-        sleeve
-    }
-
-    /// Adopts a new table: sessions with unchanged index and keys keep their counters and replay
-    /// windows, changed ones start over, vanished ones are dropped.
-    fn apply_table(&mut self, table: Arc<ForwardingTable>) {
-        let mut old = std::mem::take(&mut self.sessions);
-        for (peer, params) in &table.sessions {
-            let session = match old.remove(peer) {
-                Some(mut s) if s.same_keys(params) => {
-                    s.params = params.clone();
-                    s
-                }
-                _ => Session::new(params.clone()),
-            };
-            self.sessions.insert(*peer, session);
+impl Sender {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            out: Vec::with_capacity(SEND_MAX_BYTES + 2048),
+            to: None,
+            segment: 0,
+            segments: 0,
+            closed: false,
+            frames: 0,
         }
-        self.by_index = self
-            .sessions
-            .iter()
-            .map(|(p, s)| (s.params.local_index, *p))
-            .collect();
-        // A peer on VXLAN is reached through the bridge's own learning; a MAC we still mapped to
-        // it would send a flooded frame a second time over the sleeve.
-        self.macs.retain(|_, owner| {
-            table.unicast.contains_key(owner) && !table.vxlan.contains_key(owner)
-        });
-        self.table = table;
     }
 
-    /// Reads what the TAP has ready (the first frame is already in `buf`) and sends it, packing
-    /// consecutive frames for the same destination into one datagram.
+    /// Seals the body made of `parts` for `session` and queues it; sends what was queued first
+    /// if the new datagram can't join the run. `frames` is how many frames the body holds.
     // HOT PATH
-    async fn handle_tap_burst(
+    fn queue(
         &mut self,
-        buf: &mut [u8],
-        first_len: usize,
-        batch: &mut Batch,
-    ) -> anyhow::Result<()> {
-        let mut len = first_len;
-        for _ in 0..BURST_FRAMES_MAX {
-            self.handle_tap_frame(&buf[..len], batch).await;
-            len = match self.tap.try_recv(buf) {
-                Ok(len) => len,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e).context("read frame from tap"),
-            };
+        session: &TxSession,
+        sealed: bool,
+        flags: u8,
+        parts: &[&[u8]],
+        frames: u64,
+    ) {
+        let counter = session.counter.fetch_add(1, Ordering::Relaxed);
+        if counter >= COUNTER_MAX {
+            tracing::debug!(peer = %session.params.peer, "send counter exhausted; waiting for new keys");
+            return bump(&self.shared.counters.drop_no_route, frames);
         }
-        self.flush(batch).await;
-        Ok(())
-    }
-
-    // HOT PATH
-    async fn handle_tap_frame(&mut self, frame: &[u8], batch: &mut Batch) {
-        let Some(dst_mac) = frame
-            .first_chunk::<6>()
-            .filter(|_| frame.len() >= ETHERNET_HEADER_LEN)
-        else {
-            tracing::debug!(
-                len = frame.len(),
-                "tap gave a frame shorter than an ethernet header"
-            );
-            return;
-        };
-        let dest = match self.macs.get(dst_mac) {
-            Some(owner) if dst_mac[0] & 1 == 0 => Dest::Peer(*owner),
-            _ => Dest::Broadcast,
-        };
-        let fits = batch.body.len() + frame::FRAME_PREFIX_LEN + frame.len() <= BATCH_BODY_MAX;
-        if batch.dest != Some(dest) || !fits || batch.frames == u8::MAX {
-            self.flush(batch).await;
+        let body_len: usize = parts.iter().map(|p| p.len()).sum();
+        let len = HEADER_LEN + body_len + if sealed { TAG_LEN } else { 0 };
+        let to = session.params.remote_addr;
+        let joins = self.to == Some(to)
+            && !self.closed
+            && len <= self.segment
+            && self.segments < self.shared.udp.max_segments()
+            && self.out.len() + len <= SEND_MAX_BYTES;
+        if !joins {
+            self.flush();
+            self.to = Some(to);
+            self.segment = len;
         }
-        if batch.dest.is_none() {
-            batch.dest = Some(dest);
-            batch.body.clear();
-            batch.frames = 0;
-            let dst = match dest {
-                Dest::Broadcast => None,
-                Dest::Peer(p) => Some(p),
-            };
-            BodyHeader {
-                src: self.table.me,
-                dst,
-                hop_limit: HOP_LIMIT,
-                frame_count: 0,
-            }
-            .emit(&mut batch.body);
-        }
-        frame::push_frame(&mut batch.body, frame);
-        batch.frames += 1;
-    }
-
-    /// Sends the batch (if any) and empties it.
-    async fn flush(&mut self, batch: &mut Batch) {
-        let Some(dest) = batch.dest.take() else {
-            return;
-        };
-        batch.body[FRAME_COUNT_OFFSET] = batch.frames;
-        let frames = u64::from(batch.frames);
-        match dest {
-            Dest::Broadcast => {
-                let table = self.table.clone();
-                for child in table.broadcast.get(&table.me).into_iter().flatten() {
-                    // The bridge also flooded this frame to the VXLAN port, which delivered it
-                    // to the peers on VXLAN; they still relay it to their subtrees.
-                    let flags = if table.vxlan.contains_key(child) {
-                        FLAG_RELAY_ONLY
-                    } else {
-                        0
-                    };
-                    self.send_to_neighbour(*child, &batch.body, frames, flags)
-                        .await;
-                }
-            }
-            Dest::Peer(peer) => match self.table.unicast.get(&peer).copied() {
-                Some(hop) => self.send_to_neighbour(hop, &batch.body, frames, 0).await,
-                None => {
-                    tracing::debug!(%peer, "no route to peer; dropping frames");
-                    bump(&self.counters.drop_no_route, frames);
-                }
-            },
-        }
-    }
-
-    /// Seals `body` for `hop` and sends it. `frames` is how many frames the body holds.
-    // HOT PATH
-    async fn send_to_neighbour(&mut self, hop: PeerName, body: &[u8], frames: u64, flags: u8) {
-        let sealed = self.table.sealed;
-        let Some(session) = self.sessions.get_mut(&hop) else {
-            tracing::debug!(%hop, "no session to next hop; dropping frames");
-            bump(&self.counters.drop_no_route, frames);
-            return;
-        };
-        if session.send_counter >= COUNTER_MAX {
-            tracing::debug!(%hop, "send counter exhausted; waiting for new keys");
-            bump(&self.counters.drop_no_route, frames);
-            return;
-        }
-        let counter = session.send_counter;
-        session.send_counter += 1;
-        let kind = if sealed { Kind::Sealed } else { Kind::Plain };
+        self.closed = len < self.segment;
         let header = Header {
-            kind,
+            kind: if sealed { Kind::Sealed } else { Kind::Plain },
             flags,
             receiver_index: session.params.remote_index,
             counter,
         };
         let mut head = [0u8; HEADER_LEN];
         header.emit(&mut head);
-        self.out.clear();
+        let start = self.out.len();
         self.out.extend_from_slice(&head);
-        self.out.extend_from_slice(body);
+        for part in parts {
+            self.out.extend_from_slice(part);
+        }
         if sealed {
-            let tag = session
-                .sealing
-                .seal_detached(&head, counter, &mut self.out[HEADER_LEN..]);
+            let tag =
+                session
+                    .sealing
+                    .seal_detached(&head, counter, &mut self.out[start + HEADER_LEN..]);
             self.out.extend_from_slice(&tag);
         }
-        let addr = session.params.remote_addr;
-        match self.udp.send_to(&self.out, addr).await {
-            Ok(sent) => {
-                bump(&self.counters.tx_datagrams, 1);
-                bump(&self.counters.tx_frames, frames);
-                bump(&self.counters.tx_bytes, sent as u64);
+        self.segments += 1;
+        self.frames += frames;
+    }
+
+    /// Sends everything queued.
+    fn flush(&mut self) {
+        let Some(to) = self.to.take() else {
+            return;
+        };
+        let segment = (self.segments > 1).then_some(self.segment);
+        let c = &self.shared.counters;
+        match self.shared.udp.send(to, &self.out, segment) {
+            Ok(()) => {
+                bump(&c.tx_datagrams, self.segments as u64);
+                bump(&c.tx_frames, self.frames);
+                bump(&c.tx_bytes, self.out.len() as u64);
             }
             // Not counted as a drop reason of its own: the path is broken, the control plane
             // will notice through its own connection.
-            Err(e) => tracing::debug!(%hop, %addr, error = %e, "send sleeve datagram"),
+            Err(e) => tracing::debug!(%to, error = %e, "send sleeve datagrams"),
         }
-    }
-
-    /// Authenticates, checks and delivers or relays one datagram. Never fails: every problem is
-    /// a counted drop.
-    // HOT PATH
-    async fn handle_datagram(&mut self, buf: &mut [u8], from: SocketAddr) {
-        bump(&self.counters.rx_datagrams, 1);
-        bump(&self.counters.rx_bytes, buf.len() as u64);
-        let (header, _) = match Header::parse(buf) {
-            Ok(parsed) => parsed,
-            Err(e) => return self.drop_bad_frame(e, from),
-        };
-        let Some((peer, session)) = self
-            .by_index
-            .get(&header.receiver_index)
-            .and_then(|peer| Some((*peer, self.sessions.get_mut(peer)?)))
-        else {
-            tracing::debug!(%from, index = header.receiver_index, "datagram for unknown session");
-            return bump(&self.counters.drop_unknown_session, 1);
-        };
-        let (head, rest) = buf.split_at_mut(HEADER_LEN);
-        let head: &[u8; HEADER_LEN] = (&*head).try_into().expect("split at HEADER_LEN");
-        let body_len = match header.kind {
-            Kind::Plain if self.table.sealed => {
-                tracing::debug!(%from, %peer, "plain datagram while sealed");
-                return bump(&self.counters.drop_plain_when_sealed, 1);
-            }
-            Kind::Plain => rest.len(),
-            Kind::Sealed => {
-                if !session.replay.would_accept(header.counter) {
-                    tracing::debug!(%from, %peer, counter = header.counter, "replayed datagram");
-                    return bump(&self.counters.drop_replayed, 1);
-                }
-                let len = match session.opening.open(head, header.counter, rest) {
-                    Ok(plain) => plain.len(),
-                    Err(e) => {
-                        tracing::debug!(%from, %peer, error = %e, "dropping datagram");
-                        return bump(&self.counters.drop_auth_failed, 1);
-                    }
-                };
-                if !session.replay.accept(header.counter) {
-                    tracing::debug!(%from, %peer, counter = header.counter, "replayed datagram");
-                    return bump(&self.counters.drop_replayed, 1);
-                }
-                len
-            }
-        };
-        let relay_only = header.flags & FLAG_RELAY_ONLY != 0;
-        self.handle_body(&mut rest[..body_len], peer, from, relay_only)
-            .await;
-    }
-
-    /// Delivers and relays an authenticated body that came from neighbour `via`. A `relay_only`
-    /// body reached us over VXLAN already: it is relayed, not delivered, and teaches no MACs.
-    // HOT PATH
-    async fn handle_body(
-        &mut self,
-        body: &mut [u8],
-        via: PeerName,
-        from: SocketAddr,
-        relay_only: bool,
-    ) {
-        let (head, frames) = match BodyHeader::parse(body) {
-            Ok(parsed) => parsed,
-            Err(e) => return self.drop_bad_frame(e, from),
-        };
-        let me = self.table.me;
-        if head.src == me {
-            tracing::debug!(%from, "our own frames came back; dropping");
-            return bump(&self.counters.drop_malformed, 1);
-        }
-        let frame_count = u64::from(head.frame_count);
-        bump(&self.counters.rx_frames, frame_count);
-        if !relay_only {
-            for frame in frames.clone() {
-                let src_mac: [u8; 6] = frame[6..12]
-                    .try_into()
-                    .expect("frames hold an ethernet header");
-                self.learn(src_mac, head.src);
-            }
-        }
-        if !relay_only && (head.dst.is_none() || head.dst == Some(me)) {
-            for frame in frames {
-                if let Err(e) = self.tap.send(frame).await {
-                    tracing::debug!(error = %e, "write frame to tap");
-                    bump(&self.counters.drop_tap_write, 1);
-                }
-            }
-        }
-        if head.dst == Some(me) {
-            return;
-        }
-        if head.hop_limit == 0 {
-            tracing::debug!(%from, src = %head.src, "hop limit reached; not relaying");
-            return bump(&self.counters.drop_hop_limit, 1);
-        }
-        body[frame::HOP_LIMIT_OFFSET] = head.hop_limit - 1;
-        let table = self.table.clone();
-        match head.dst {
-            None => {
-                for child in table.broadcast.get(&head.src).into_iter().flatten() {
-                    if *child != via {
-                        self.send_to_neighbour(*child, body, frame_count, 0).await;
-                    }
-                }
-            }
-            Some(dst) => match table.unicast.get(&dst) {
-                Some(hop) => {
-                    bump(&self.counters.relayed_frames, frame_count);
-                    self.send_to_neighbour(*hop, body, frame_count, 0).await;
-                }
-                None => {
-                    tracing::debug!(%dst, "no route to relay to");
-                    bump(&self.counters.drop_no_route, frame_count);
-                }
-            },
-        }
-    }
-
-    fn learn(&mut self, mac: [u8; 6], owner: PeerName) {
-        // Group addresses are never a frame's source; don't let one steer unicast.
-        if mac[0] & 1 != 0 {
-            return;
-        }
-        if self.macs.len() < MACS_MAX || self.macs.contains_key(&mac) {
-            self.macs.insert(mac, owner);
-        }
-    }
-
-    fn drop_bad_frame(&self, e: FrameError, from: SocketAddr) {
-        tracing::debug!(%from, error = %e, "dropping datagram");
-        match e {
-            FrameError::Truncated => bump(&self.counters.drop_truncated, 1),
-            _ => bump(&self.counters.drop_malformed, 1),
-        }
+        self.out.clear();
+        self.segments = 0;
+        self.frames = 0;
+        self.closed = false;
     }
 }
 
@@ -570,6 +417,7 @@ mod tests {
 
     use super::*;
     use crate::dataplane::sleeve::crypto::derive_keys;
+    use crate::dataplane::sleeve::frame::BodyHeader;
     use std::process::Command;
     use std::sync::atomic::AtomicUsize;
     use std::time::{Duration, Instant};
@@ -669,6 +517,8 @@ mod tests {
             remote_index: remote,
             send_key,
             recv_key,
+            cipher: crypto::Cipher::ChaCha20Poly1305,
+            offload: true,
         };
         t.sessions.insert(peer, Arc::new(params));
         t
@@ -690,14 +540,9 @@ mod tests {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let tap = tun_rs::DeviceBuilder::new()
-                    .name(TAP)
-                    .layer(tun_rs::Layer::L2)
-                    .build_async()
-                    .context("create tap")?;
-                let udp = UdpSocket::bind("0.0.0.0:6784")
-                    .await
-                    .context("bind sleeve socket")?;
+                let tap = crate::dataplane::tap::open_tap(TAP, 1376)?;
+                let udp =
+                    std::net::UdpSocket::bind("0.0.0.0:6784").context("bind sleeve socket")?;
                 let _ = ready_tx.send(());
                 run(tap, udp, rx, counters).await
             })
