@@ -26,7 +26,7 @@ fn render(s: &Status) -> String {
         s.nickname,
         s.version,
         if s.encryption {
-            "on (ChaCha20-Poly1305)"
+            "on (cipher per peer below)"
         } else {
             "off (no password set; traffic is not encrypted)"
         },
