@@ -18,17 +18,7 @@ use std::process::Command;
 const IMAGE: &str = "meshctl-test-busybox:latest";
 
 fn docker(args: &[&str]) -> (bool, String) {
-    match Command::new("docker").args(args).output() {
-        Ok(out) => (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
+    lab::run_cmd("docker", args)
 }
 
 /// Builds a tiny image from scratch around Debian's busybox-static (no registry needed).

@@ -18,17 +18,7 @@ use std::process::Command;
 const IMAGE: &str = "meshctl:test";
 
 fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    match Command::new(cmd).args(args).output() {
-        Ok(out) => (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        ),
-        Err(e) => (false, format!("run {cmd}: {e}")),
-    }
+    lab::run_cmd(cmd, args)
 }
 
 struct RootSide {

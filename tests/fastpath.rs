@@ -67,20 +67,30 @@ fn nft(netns: &str, args: &str) {
     );
 }
 
-#[test]
-fn two_hosts_without_password_use_vxlan_fall_back_within_5s_and_return_within_15s() {
-    if lab::skip_unless_root("two_hosts_vxlan") {
-        return;
-    }
+/// Two hosts A—B without a password, one container each (`{subnet}.1` on A, `.2` on B), waiting
+/// until A shows B on VXLAN. Returns the lab, both hosts, A's container and B's container address.
+fn two_hosts_on_vxlan(third_octet: u8) -> (Lab, Host, Host, Container, Ipv4Addr) {
     let lab = Lab::new();
     let (a, b) = (lab.host("a"), lab.host("b"));
     let (a_ip, _) = lab.link(&a, &b);
     a.launch(&[]);
     b.launch(&[&a_ip.to_string()]);
-    let (ip1, ip2) = (Ipv4Addr::new(10, 45, 0, 1), Ipv4Addr::new(10, 45, 0, 2));
+    let (ip1, ip2) = (
+        Ipv4Addr::new(10, third_octet, 0, 1),
+        Ipv4Addr::new(10, third_octet, 0, 2),
+    );
     let c1 = attach(&lab, &a, ip1);
     let _c2 = attach(&lab, &b, ip2);
     wait_overlay(&lab, &a, "b", "vxlan", "");
+    (lab, a, b, c1, ip2)
+}
+
+#[test]
+fn two_hosts_without_password_use_vxlan_fall_back_within_5s_and_return_within_15s() {
+    if lab::skip_unless_root("two_hosts_vxlan") {
+        return;
+    }
+    let (lab, a, b, c1, ip2) = two_hosts_on_vxlan(45);
     wait_overlay(&lab, &b, "a", "vxlan", "");
     assert_eq!(peer(&a, "b")["mtu"], 1376);
     assert!(lab::wait_for(WAIT_MAX, || lab::ping(&c1.netns, ip2)));
@@ -344,15 +354,7 @@ fn a_shrunk_path_mtu_moves_the_peer_to_sleeve_and_back() {
     if lab::skip_unless_root("shrunk_path_mtu") {
         return;
     }
-    let lab = Lab::new();
-    let (a, b) = (lab.host("a"), lab.host("b"));
-    let (a_ip, _) = lab.link(&a, &b);
-    a.launch(&[]);
-    b.launch(&[&a_ip.to_string()]);
-    let (ip1, ip2) = (Ipv4Addr::new(10, 48, 0, 1), Ipv4Addr::new(10, 48, 0, 2));
-    let c1 = attach(&lab, &a, ip1);
-    let _c2 = attach(&lab, &b, ip2);
-    wait_overlay(&lab, &a, "b", "vxlan", "");
+    let (lab, a, b, c1, ip2) = two_hosts_on_vxlan(48);
     let set_mtu = |mtu: &str| {
         for host in [&a, &b] {
             let out = Command::new("ip")

@@ -860,3 +860,20 @@ fn packet_socket_ipv4() -> io::Result<UdpSocket> {
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok(UdpSocket::from(owned))
 }
+
+/// Runs a command to completion; (success, stdout followed by stderr). Used by the tests that drive
+/// the Docker CLI and other host tools.
+#[allow(dead_code)] // not every test binary uses it
+pub(crate) fn run_cmd(cmd: &str, args: &[&str]) -> (bool, String) {
+    match Command::new(cmd).args(args).output() {
+        Ok(out) => (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ),
+        Err(e) => (false, format!("run {cmd}: {e}")),
+    }
+}
