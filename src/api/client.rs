@@ -82,3 +82,21 @@ fn not_running(socket: &Path, e: std::io::Error) -> anyhow::Error {
         _ => anyhow::Error::new(e).context(format!("connect to {}", socket.display())),
     }
 }
+
+/// True if a router answers a status request on `socket` within 2 s. A socket file whose process is
+/// gone, or is still dying after `kill -9`, may accept a connection but never answers.
+pub(crate) fn router_answers(socket: &Path) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(std::time::Duration::from_secs(2)));
+    if s.write_all(b"GET /status HTTP/1.1\r\nhost: meshctl\r\nconnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}

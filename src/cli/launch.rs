@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::{LaunchArgs, Paths};
+use crate::api::client::router_answers;
 
 /// How long to wait for the router to answer before giving up.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(super) fn run_background(args: &LaunchArgs, paths: &Paths) -> Result<ExitCode> {
     crate::daemon::check_launch_preconditions(args)?;
-    if std::os::unix::net::UnixStream::connect(&paths.socket).is_ok() {
+    if router_answers(&paths.socket) {
         bail!(
             "a router is already running with API socket {}; stop it with `meshctl stop` first",
             paths.socket.display()
@@ -56,7 +57,7 @@ pub(super) fn run_background(args: &LaunchArgs, paths: &Paths) -> Result<ExitCod
                 tail.trim_end()
             );
         }
-        if router_answers(paths) {
+        if router_answers(&paths.socket) {
             println!(
                 "router started (pid {}); log: {}; see `meshctl status`",
                 child.id(),
@@ -74,22 +75,6 @@ pub(super) fn run_background(args: &LaunchArgs, paths: &Paths) -> Result<ExitCod
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// True once the API answers a status request.
-fn router_answers(paths: &Paths) -> bool {
-    use std::io::Write;
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(&paths.socket) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /status HTTP/1.1\r\nhost: meshctl\r\nconnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
 fn read_from(path: &std::path::Path, offset: u64) -> String {

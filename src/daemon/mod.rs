@@ -319,7 +319,7 @@ fn bind_api_socket(path: &Path) -> Result<tokio::net::UnixListener> {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if crate::api::client::router_answers(path) {
             bail!(
                 "a router is already running with API socket {}; stop it with `meshctl stop` first",
                 path.display()
