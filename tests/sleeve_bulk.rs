@@ -7,7 +7,9 @@
 //! ```
 //! a: `launch --password pw [--cipher X]`; b: `launch --password pw A`. The bytes cross the
 //! sleeve as TCP super-frames cut into sealed segments, joined again on the far side and written
-//! into its TAP; SHA-256 on both ends proves nothing was lost, reordered or corrupted.
+//! into its TAP; SHA-256 on both ends proves nothing was lost, reordered or corrupted. In the
+//! ChaCha20 test the keys rotate every 1,024 datagrams (hundreds of times during the transfer):
+//! no datagram may fail to open across a rotation.
 
 mod common;
 
@@ -96,13 +98,30 @@ fn one_gigabyte_crosses_the_chacha20_sleeve_intact() {
     if lab::skip_unless_root("one_gigabyte_crosses_the_chacha20_sleeve_intact") {
         return;
     }
-    let p = pair(&["--cipher", "chacha20-poly1305"], &[]);
+    // b keeps the default epoch; the session takes the shorter one, a's.
+    let p = pair(
+        &[
+            "--cipher",
+            "chacha20-poly1305",
+            "--sleeve-rekey-shift",
+            "10",
+        ],
+        &[],
+    );
     for host in [&p.a, &p.b] {
         assert_eq!(peer_cipher(&host.status_json()), "ChaCha20-Poly1305");
     }
     transfer(&p, &p.c1, &p.c2, C2_IP, 1_000_000_000);
     assert_no_security_drops(&p.a);
     assert_no_security_drops(&p.b);
+    let rotations = p.a.status_json()["sleeve"]["key_rotations"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        rotations >= 100,
+        "a's sending keys rotated {rotations} times while sending 1 GB in epochs of 1,024 datagrams"
+    );
+    eprintln!("a's sending keys rotated {rotations} times, no datagram failed to open");
 }
 
 #[test]

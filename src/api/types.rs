@@ -132,6 +132,9 @@ pub(crate) struct SleeveStatus {
     pub(crate) rx_frames: u64,
     pub(crate) tx_frames: u64,
     pub(crate) relayed_frames: u64,
+    /// Sending keys that moved to a new epoch (keys rotate by datagram count).
+    #[serde(default)]
+    pub(crate) key_rotations: u64,
     /// Dropped datagrams or frames by reason.
     pub(crate) drops: BTreeMap<String, u64>,
 }

@@ -166,6 +166,13 @@ pub(crate) struct LaunchArgs {
     /// used with peers where both CPUs have AES instructions, ChaCha20-Poly1305 otherwise.
     #[arg(long, value_parser = parse_cipher)]
     pub(crate) cipher: Option<crate::dataplane::sleeve::crypto::Cipher>,
+    /// Seal at most 2^N datagrams under one sleeve key before moving to the next (keys rotate
+    /// by counter, with no message and no gap; two peers use the smaller of their values). For
+    /// tests; the default keeps AES-256-GCM far inside its per-key limit.
+    #[arg(long, hide = true, default_value_t = crate::dataplane::sleeve::crypto::EPOCH_SHIFT_DEFAULT,
+          value_parser = clap::value_parser!(u8).range(
+              crate::dataplane::sleeve::crypto::EPOCH_SHIFT_MIN as i64..=40))]
+    pub(crate) sleeve_rekey_shift: u8,
     /// Where to serve Prometheus metrics (`GET /metrics`).
     #[arg(long, default_value = "127.0.0.1:6782", value_name = "ADDR:PORT")]
     pub(crate) metrics_addr: std::net::SocketAddr,

@@ -30,7 +30,7 @@ use crate::api::types::{
 };
 use crate::dataplane::forwarding::{ForwardingTable, SessionParams};
 use crate::dataplane::overlay::{self, Choice, PeerFacts, ProbeState, PROBE_INTERVAL};
-use crate::dataplane::sleeve::crypto::{derive_keys, Cipher};
+use crate::dataplane::sleeve::crypto::{agree_epoch_shift, derive_keys, Cipher};
 use crate::dataplane::sleeve::Counters;
 use crate::dataplane::vxlan::{self, Probe, ProbeEvent, ProbeSend};
 use crate::transport::handshake::{self, HandshakeError, Hello, HelloExt, VxlanHello};
@@ -78,6 +78,8 @@ pub(super) struct Settings {
     pub(super) password: Option<String>,
     /// `--cipher`: the sleeve cipher to insist on, if any.
     pub(super) cipher: Option<Cipher>,
+    /// Datagrams per sleeve key as a power of two (`--sleeve-rekey-shift`).
+    pub(super) epoch_shift: u8,
     pub(super) discovery: bool,
     pub(super) conn_limit: usize,
     /// Where the user targets are saved (`targets`, one address per line) for `launch --resume`.
@@ -162,6 +164,8 @@ struct Local {
     next_index: AtomicU32,
     /// What our sleeve can do, sent in every `Hello`.
     ext: HelloExt,
+    /// Datagrams per sleeve key as a power of two.
+    epoch_shift: u8,
 }
 
 impl Local {
@@ -173,6 +177,7 @@ impl Local {
             data_port: self.data_port,
             session_index: self.next_index.fetch_add(1, Ordering::Relaxed),
             ext: self.ext.clone(),
+            epoch_shift: Some(self.epoch_shift),
             vxlan: self.vxlan,
         }
     }
@@ -259,6 +264,7 @@ impl Control {
                 aes_fast: Cipher::aes_is_fast(),
                 cipher: settings.cipher.map(Cipher::code),
             },
+            epoch_shift: settings.epoch_shift,
         });
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
         let probe_events = settings.fastpath.as_mut().map(|f| {
@@ -436,6 +442,7 @@ impl Control {
                 ),
             ),
             offload: remote.ext.offload,
+            epoch_shift: agree_epoch_shift(Some(self.local.epoch_shift), remote.epoch_shift),
         });
         // quinn knows the local address only from packet info, which dialed connections may
         // lack; the route to the peer names it as well.
@@ -1118,6 +1125,7 @@ impl Control {
                 rx_frames: get("rx_frames"),
                 tx_frames: get("tx_frames"),
                 relayed_frames: get("relayed_frames"),
+                key_rotations: get("key_rotations"),
                 drops,
             },
         }

@@ -223,6 +223,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         nickname,
         password: args.password.clone(),
         cipher: args.cipher,
+        epoch_shift: args.sleeve_rekey_shift,
         discovery: !args.no_discovery,
         conn_limit: usize::from(args.conn_limit),
         state_dir: paths.state_dir.clone(),

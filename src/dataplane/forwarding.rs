@@ -40,6 +40,8 @@ pub struct SessionParams {
     /// The neighbour joins super-frame segments and announced it in the handshake; without it,
     /// super-frames are sent to it as finished TCP frames.
     pub offload: bool,
+    /// Datagrams per key epoch as a power of two (`crypto::epoch_of`), agreed in the handshake.
+    pub epoch_shift: u8,
 }
 
 // Keys never reach logs.

@@ -51,6 +51,10 @@ pub(crate) struct Hello {
     /// What this router's sleeve can do: the second value of the trailer, defaults when absent.
     #[serde(skip)]
     pub(crate) ext: HelloExt,
+    /// Datagrams per sleeve key as a power of two: the third value of the trailer, `None` from
+    /// routers that never rotate keys.
+    #[serde(skip)]
+    pub(crate) epoch_shift: Option<u8>,
 }
 
 /// How to reach a router's VXLAN device.
@@ -354,6 +358,9 @@ fn emit(step: &Step) -> Vec<u8> {
         // extension is only ever appended after the last one.
         out.extend(postcard::to_stdvec(&hello.vxlan).expect("invariant: VxlanHello serializes"));
         out.extend(postcard::to_stdvec(&hello.ext).expect("invariant: HelloExt serializes"));
+        out.extend(
+            postcard::to_stdvec(&hello.epoch_shift).expect("invariant: an Option<u8> serializes"),
+        );
     }
     out
 }
@@ -398,9 +405,15 @@ fn read_trailer(hello: &mut Hello, rest: &[u8]) -> Result<(), HandshakeError> {
     if rest.is_empty() {
         return Ok(());
     }
-    let (ext, _newer) = postcard::take_from_bytes::<HelloExt>(rest)
+    let (ext, rest) = postcard::take_from_bytes::<HelloExt>(rest)
         .map_err(|e| malformed(&format!("hello extension (sleeve): {e}")))?;
     hello.ext = ext;
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let (epoch_shift, _newer) = postcard::take_from_bytes::<Option<u8>>(rest)
+        .map_err(|e| malformed(&format!("hello extension (key epochs): {e}")))?;
+    hello.epoch_shift = epoch_shift;
     Ok(())
 }
 
@@ -473,6 +486,7 @@ mod tests {
                 aes_fast: true,
                 cipher: Some(2),
             },
+            epoch_shift: Some(22),
         }
     }
 
@@ -591,6 +605,7 @@ mod tests {
         match parse(&old_frame(&ours, None)).unwrap() {
             Step::Hello(h) => {
                 assert_eq!((h.vxlan, h.ext), (None, HelloExt::default()));
+                assert_eq!(h.epoch_shift, None, "no key rotation with an old router");
                 assert_eq!(h.session_index, 7);
             }
             _ => panic!("expected Hello"),

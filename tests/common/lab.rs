@@ -48,6 +48,22 @@ pub(crate) fn skip_unless_root(test: &str) -> bool {
     true
 }
 
+/// Programs the lab runs, with the Debian package of each (`.ci/run` installs them). A missing
+/// one fails the test at once with its name, rather than as a ping that never answers.
+const PROGRAMS: [(&str, &str); 2] = [("ip", "iproute2"), ("ping", "iputils-ping")];
+
+fn require_programs() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for (program, package) in PROGRAMS {
+        let found = std::env::split_paths(&path).any(|dir| dir.join(program).is_file());
+        assert!(
+            found,
+            "`{program}` is not installed; the namespace tests need it: apt-get install {package} \
+             (or run .ci/run, which installs everything the tests use)"
+        );
+    }
+}
+
 /// Polls `cond` every 50 ms until it holds (true) or `deadline` has passed (false).
 pub(crate) fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
@@ -324,6 +340,7 @@ pub(crate) struct Lab {
 impl Lab {
     /// A new empty lab with a unique name prefix and scratch directory.
     pub(crate) fn new() -> Lab {
+        require_programs();
         let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("m{:05}{n}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("meshlab-{prefix}"));

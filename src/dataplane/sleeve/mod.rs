@@ -49,7 +49,7 @@ use arc_swap::ArcSwap;
 use mesh::PeerName;
 use tokio::sync::{mpsc, watch};
 
-use self::crypto::{SealingKey, TAG_LEN};
+use self::crypto::{SendKeys, TAG_LEN};
 use self::frame::{Header, Kind, HEADER_LEN};
 use self::udp::{Udp, SEND_MAX_BYTES};
 use super::forwarding::{ForwardingTable, SessionParams};
@@ -85,6 +85,8 @@ pub struct Counters {
     pub tx_bytes: AtomicU64,
     /// Frames relayed to another peer on the way to their destination.
     pub relayed_frames: AtomicU64,
+    /// Sending keys that rotated to a new epoch (`crypto::epoch_of`), over all sessions.
+    pub key_rotations: AtomicU64,
     /// Datagrams with an unknown kind or an invalid body.
     pub drop_malformed: AtomicU64,
     /// Datagrams shorter than their structure says.
@@ -111,7 +113,7 @@ impl Counters {
     /// All counters by name, for the status JSON. Drop counters are named by reason alone
     /// ("malformed", "truncated", ...).
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        let all: [(&'static str, &AtomicU64); 17] = [
+        let all: [(&'static str, &AtomicU64); 18] = [
             ("rx_datagrams", &self.rx_datagrams),
             ("tx_datagrams", &self.tx_datagrams),
             ("rx_frames", &self.rx_frames),
@@ -119,6 +121,7 @@ impl Counters {
             ("rx_bytes", &self.rx_bytes),
             ("tx_bytes", &self.tx_bytes),
             ("relayed_frames", &self.relayed_frames),
+            ("key_rotations", &self.key_rotations),
             ("malformed", &self.drop_malformed),
             ("truncated", &self.drop_truncated),
             ("unknown_session", &self.drop_unknown_session),
@@ -144,7 +147,7 @@ impl Counters {
 }
 
 /// Names in [`Counters::snapshot`] that count traffic rather than drops.
-const TRAFFIC: [&str; 7] = [
+const TRAFFIC: [&str; 8] = [
     "rx_datagrams",
     "tx_datagrams",
     "rx_frames",
@@ -152,6 +155,7 @@ const TRAFFIC: [&str; 7] = [
     "rx_bytes",
     "tx_bytes",
     "relayed_frames",
+    "key_rotations",
 ];
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -161,7 +165,7 @@ fn bump(counter: &AtomicU64, by: u64) {
 /// The sending half of a session, shared by both threads.
 struct TxSession {
     params: Arc<SessionParams>,
-    sealing: SealingKey,
+    sealing: SendKeys,
     /// Next counter to use; shared so that a counter is never used twice under one key.
     counter: AtomicU64,
 }
@@ -169,7 +173,7 @@ struct TxSession {
 impl TxSession {
     fn new(params: Arc<SessionParams>) -> Self {
         Self {
-            sealing: SealingKey::with_cipher(params.cipher, &params.send_key),
+            sealing: SendKeys::new(params.cipher, &params.send_key, params.epoch_shift),
             counter: AtomicU64::new(0),
             params,
         }
@@ -182,6 +186,7 @@ fn same_keys(a: &SessionParams, b: &SessionParams) -> bool {
         && a.send_key == b.send_key
         && a.recv_key == b.recv_key
         && a.cipher == b.cipher
+        && a.epoch_shift == b.epoch_shift
 }
 
 /// What both threads read: the routes, and the sending halves of the sessions.
@@ -370,6 +375,12 @@ impl Sender {
             self.out.extend_from_slice(part);
         }
         if sealed {
+            if counter > 0
+                && crypto::epoch_of(counter - 1, session.params.epoch_shift)
+                    != crypto::epoch_of(counter, session.params.epoch_shift)
+            {
+                bump(&self.shared.counters.key_rotations, 1);
+            }
             let tag =
                 session
                     .sealing
@@ -416,7 +427,7 @@ mod tests {
     //! Needs root (CAP_NET_ADMIN) and `ping`; skips with a printed reason otherwise.
 
     use super::*;
-    use crate::dataplane::sleeve::crypto::derive_keys;
+    use crate::dataplane::sleeve::crypto::{derive_keys, SealingKey};
     use crate::dataplane::sleeve::frame::BodyHeader;
     use std::process::Command;
     use std::sync::atomic::AtomicUsize;
@@ -519,6 +530,8 @@ mod tests {
             recv_key,
             cipher: crypto::Cipher::ChaCha20Poly1305,
             offload: true,
+            // Rotate keys every 256 datagrams, so the tests cross many epochs.
+            epoch_shift: crypto::EPOCH_SHIFT_MIN,
         };
         t.sessions.insert(peer, Arc::new(params));
         t
@@ -663,10 +676,16 @@ mod tests {
             let mut sealed = body.clone();
             SealingKey::new(&b_to_a_key).seal(&head, 0, &mut sealed);
             send(&[head.as_slice(), &sealed].concat());
-            // Authentic, fresh, but its body is cut short: truncated after opening.
+            // Authentic, fresh, but its body is cut short: truncated after opening. Sealed under
+            // the key of its counter's epoch.
             let head = header(Kind::Sealed, INDEX_A, 1 << 42);
             let mut short = body[..body.len() - 1].to_vec();
-            SealingKey::new(&b_to_a_key).seal(&head, 1 << 42, &mut short);
+            let epoch = crypto::epoch_of(1 << 42, crypto::EPOCH_SHIFT_MIN);
+            SealingKey::new(&crypto::epoch_key(&b_to_a_key, epoch)).seal(
+                &head,
+                1 << 42,
+                &mut short,
+            );
             send(&[head.as_slice(), &short].concat());
         });
         forger.join().expect("forger thread");

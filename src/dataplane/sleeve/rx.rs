@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use mesh::PeerName;
 
-use super::crypto::OpeningKey;
+use super::crypto::RecvKeys;
 use super::frame::{
     self, BodyHeader, FrameError, Header, Kind, SegmentMeta, FLAG_RELAY_ONLY, FLAG_SEGMENT,
     HEADER_LEN,
@@ -35,7 +35,7 @@ use crate::dataplane::forwarding::SessionParams;
 /// The receiving half of a session.
 struct RxSession {
     params: Arc<SessionParams>,
-    opening: OpeningKey,
+    opening: RecvKeys,
     replay: ReplayWindow,
 }
 
@@ -121,7 +121,7 @@ impl Rx {
                     s
                 }
                 _ => RxSession {
-                    opening: OpeningKey::with_cipher(params.cipher, &params.recv_key),
+                    opening: RecvKeys::new(params.cipher, &params.recv_key, params.epoch_shift),
                     replay: ReplayWindow::new(),
                     params: params.clone(),
                 },
