@@ -1,6 +1,7 @@
 //! Throughput, packet rate, latency and router CPU of the overlays against the bare underlay, run
 //! by hand: `sudo cargo run --release --example bench` (BENCH_SECONDS shortens the 10 s runs,
-//! BENCH_REPS changes the 3 repetitions).
+//! BENCH_REPS changes the 3 repetitions, BENCH_ONLY=vxlan,chacha measures only the rows whose names
+//! contain one of the words).
 //!
 //! ```text
 //!   c1 10.4x.0.1                          c2 10.4x.0.2
@@ -9,8 +10,8 @@
 //! ```
 //! Each row gets a fresh lab: two hosts on a veth underlay and, except for "raw underlay", one
 //! container per host. In it, each repetition measures from c1 to c2: iperf3 TCP with 1 and 4
-//! streams, iperf3 UDP with 64-byte datagrams (packets per second that arrived), `ping -c 50 -i
-//! 0.01` (mean round trip), and for meshctl rows the CPU both routers used during the 1-stream TCP
+//! streams, iperf3 UDP with 64-byte datagrams (packets per second that arrived), `ping -c 500 -i
+//! 0.002` (median round trip), and for meshctl rows the CPU both routers used during the 1-stream TCP
 //! run (percent of one core, summed). The table shows the median and min..max of the
 //! repetitions; the last column is the round trip added over the hand-built kernel VXLAN (medians).
 //! Rows: raw underlay (host to host); kernel VXLAN hand-built with `ip` (vxlan + bridge + veth,
@@ -173,24 +174,27 @@ fn udp_kpps(client: &str, server_ip: Ipv4Addr) -> Result<f64, String> {
     })
 }
 
-/// Mean RTT in µs of `ping -c 50 -i 0.01` from netns `from`.
+/// Median RTT in µs of `ping -c 500 -i 0.002` from netns `from`. The median of many echoes,
+/// not the mean of a few: one late wake-up of an idle core moves a mean by tens of µs.
 fn rtt(from: &str, to: Ipv4Addr) -> Result<f64, String> {
     let out = Command::new("ip")
-        .args([
-            "netns", "exec", from, "ping", "-q", "-c", "50", "-i", "0.01",
-        ])
+        .args(["netns", "exec", from, "ping", "-c", "500", "-i", "0.002"])
         .arg(to.to_string())
         .output()
         .map_err(|e| format!("run ping: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    // "rtt min/avg/max/mdev = 0.030/0.045/0.080/0.010 ms"
-    text.lines()
-        .find(|l| l.contains("min/avg/max"))
-        .and_then(|l| l.split('=').nth(1))
-        .and_then(|v| v.trim().split('/').nth(1))
-        .and_then(|avg| avg.parse::<f64>().ok())
+    // "64 bytes from 10.41.0.2: icmp_seq=1 ttl=64 time=0.045 ms"
+    let mut times: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.trim_end_matches(" ms").trim().parse::<f64>().ok())
         .map(|ms| ms * 1000.0)
-        .ok_or_else(|| format!("no rtt in ping output: {text}"))
+        .collect();
+    if times.is_empty() {
+        return Err(format!("no rtt in ping output: {text}"));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 /// CPU time (user + system, seconds) a process has used so far.
@@ -442,7 +446,18 @@ fn main() -> ExitCode {
         }),
     ];
     let mut rows = Vec::new();
+    // BENCH_ONLY=a,b measures only the rows whose names contain one of the words.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wanted = |name: &str| {
+        only.is_empty()
+            || only
+                .split(',')
+                .any(|w| !w.is_empty() && name.contains(w.trim()))
+    };
     for (name, scenario) in scenarios {
+        if !wanted(name) {
+            continue;
+        }
         eprintln!("measuring {name}");
         // A failed setup (its lab already cleaned up while unwinding) costs one row, not the table.
         let row = std::panic::catch_unwind(scenario).unwrap_or_else(|_| Row {
