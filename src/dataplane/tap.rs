@@ -147,7 +147,15 @@ mod tests {
             assert!(out.contains("master br-t"), "{out}");
             assert!(out.contains("isolated on"), "{out}");
             drop(tap);
-            // Not persistent: closing the last descriptor removes the device.
+            // Not persistent: closing the last descriptor removes the device. Another test
+            // thread that forks a child at this moment holds the descriptor until its exec
+            // closes it, so give that a moment.
+            for _ in 0..100 {
+                if nl.link_index("tap-t").await?.is_none() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
             anyhow::Ok(nl.link_index("tap-t").await?)
         });
         assert_eq!(left, None, "tap-t outlives its descriptor");
