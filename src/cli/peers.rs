@@ -1,6 +1,7 @@
-//! `meshctl connect`, `forget` and `stop`.
+//! `meshctl connect`, `forget`, `stop`, `reset` and `rmpeer`.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Result;
 use hyper::Method;
@@ -9,50 +10,53 @@ use super::Paths;
 use crate::api::client::call;
 use crate::api::types::PeersRequest;
 
+/// How long `stop` and `reset` wait for the router to go away.
+const GONE_WAIT: Duration = Duration::from_secs(10);
+
 pub(super) async fn connect(paths: &Paths, peers: Vec<String>) -> Result<ExitCode> {
-    let added: Vec<String> = call(
-        &paths.socket,
-        Method::POST,
-        "/connect",
-        Some(&PeersRequest { peers }),
-    )
-    .await?;
-    println!("connecting to {}", added.join(", "));
-    Ok(ExitCode::SUCCESS)
+    change_targets(paths, "/connect", "connecting to", peers).await
 }
 
 pub(super) async fn forget(paths: &Paths, peers: Vec<String>) -> Result<ExitCode> {
-    let gone: Vec<String> = call(
+    change_targets(paths, "/forget", "forgot", peers).await
+}
+
+/// Posts `peers` to `path` and prints what the router says it changed after `verb`.
+async fn change_targets(
+    paths: &Paths,
+    path: &str,
+    verb: &str,
+    peers: Vec<String>,
+) -> Result<ExitCode> {
+    let changed: Vec<String> = call(
         &paths.socket,
         Method::POST,
-        "/forget",
+        path,
         Some(&PeersRequest { peers }),
     )
     .await?;
-    println!("forgot {}", gone.join(", "));
+    println!("{verb} {}", changed.join(", "));
     Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn stop(paths: &Paths) -> Result<ExitCode> {
     call::<(), ()>(&paths.socket, Method::POST, "/stop", None).await?;
     // Wait until the socket stops answering, so that a following `launch` finds the port free.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while tokio::time::Instant::now() < deadline {
-        if tokio::net::UnixStream::connect(&paths.socket)
-            .await
-            .is_err()
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_until_gone(paths).await;
     println!("router stopped");
     Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn reset(paths: &Paths) -> Result<ExitCode> {
     let said: String = call::<(), _>(&paths.socket, Method::POST, "/reset", None).await?;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    wait_until_gone(paths).await;
+    println!("{said}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits (at most [`GONE_WAIT`]) until the router's socket no longer accepts connections.
+async fn wait_until_gone(paths: &Paths) {
+    let deadline = tokio::time::Instant::now() + GONE_WAIT;
     while tokio::time::Instant::now() < deadline {
         if tokio::net::UnixStream::connect(&paths.socket)
             .await
@@ -60,10 +64,8 @@ pub(super) async fn reset(paths: &Paths) -> Result<ExitCode> {
         {
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("{said}");
-    Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn rmpeer(paths: &Paths, peer: String) -> Result<ExitCode> {
