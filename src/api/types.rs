@@ -23,6 +23,67 @@ pub(crate) struct Status {
     /// Address allocation (`meshctl ipam`).
     #[serde(default)]
     pub(crate) ipam: Option<IpamStatus>,
+    /// The addresses this router dials (given by the user or discovered) and how that goes.
+    #[serde(default)]
+    pub(crate) targets: Vec<TargetStatus>,
+    /// The embedded name server; `None` while DNS is not enabled.
+    #[serde(default)]
+    pub(crate) dns: Option<DnsStatus>,
+    /// Control-plane traffic (gossip, IPAM, heartbeats) on all connections.
+    #[serde(default)]
+    pub(crate) gossip: GossipStatus,
+}
+
+/// One line of [`Status::targets`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TargetStatus {
+    pub(crate) address: String,
+    /// `user` (given to launch or connect) or `discovered` (announced by a peer).
+    pub(crate) source: String,
+    /// `connected`, `connecting`, `waiting` (retry due later) or `failed` (waiting after an error).
+    pub(crate) state: String,
+    /// Seconds until the next attempt while waiting.
+    pub(crate) retry_in_secs: Option<u64>,
+    /// Consecutive failed attempts.
+    pub(crate) attempts: u32,
+    pub(crate) last_error: Option<String>,
+}
+
+/// [`Status::dns`]: what the embedded name server knows and has done.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct DnsStatus {
+    /// The domain it answers for, e.g. `meshctl.local`.
+    pub(crate) domain: String,
+    /// Where it listens, e.g. `10.32.0.254:53`.
+    pub(crate) listen: Option<String>,
+    pub(crate) records: Vec<DnsRecord>,
+    /// Queries answered since launch (from the mesh's records or upstream).
+    pub(crate) queries: u64,
+    /// Queries forwarded to the upstream resolver.
+    #[serde(default)]
+    pub(crate) upstream_queries: u64,
+    /// Queries that failed (malformed, upstream timeout).
+    #[serde(default)]
+    pub(crate) failed_queries: u64,
+}
+
+/// One name in [`DnsStatus::records`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsRecord {
+    /// Full name without the trailing dot, e.g. `web.meshctl.local`.
+    pub(crate) name: String,
+    pub(crate) address: String,
+    /// The peer that registered it.
+    pub(crate) peer: Option<String>,
+}
+
+/// [`Status::gossip`]: bytes and messages of the control connections, all peers together.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct GossipStatus {
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_bytes: u64,
+    pub(crate) rx_messages: u64,
+    pub(crate) tx_messages: u64,
 }
 
 /// `GET /ipam`: who owns which addresses, and what allocation waits for.
@@ -106,6 +167,40 @@ pub(crate) struct PeerStatus {
     pub(crate) mtu: Option<u32>,
     /// How many connections it announces.
     pub(crate) connections: usize,
+    /// The neighbour that relays our traffic to it; `None` when directly connected or unreachable.
+    #[serde(default)]
+    pub(crate) relayed_via: Option<String>,
+    /// Measurements of the direct connection; `None` unless directly connected.
+    #[serde(default)]
+    pub(crate) link: Option<LinkStatus>,
+}
+
+/// [`PeerStatus::link`]: what we measure on a direct connection to a peer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct LinkStatus {
+    /// Smoothed round-trip time of the control connection (QUIC), in milliseconds.
+    pub(crate) rtt_ms: f64,
+    /// QUIC packets of the control connection declared lost / sent, since the handshake.
+    pub(crate) lost_packets: u64,
+    pub(crate) sent_packets: u64,
+    /// `lost_packets / sent_packets` (0 before anything was sent).
+    pub(crate) loss_ratio: f64,
+    /// Largest UDP payload the underlay path carries, as QUIC's path MTU discovery found it.
+    pub(crate) path_mtu_bytes: u32,
+    /// When the handshake completed, in seconds since the Unix epoch.
+    pub(crate) handshake_unix_secs: u64,
+    /// Seconds since the handshake.
+    pub(crate) handshake_age_secs: u64,
+    /// Age of the sleeve keys in seconds (they are derived in the handshake and not rotated
+    /// while the connection lasts, so this equals `handshake_age_secs`).
+    pub(crate) key_age_secs: u64,
+    /// Sleeve datagrams and bytes exchanged with this neighbour since the handshake, including
+    /// traffic it relays for others; `None` while the peer is on the kernel VXLAN fast path
+    /// (the kernel keeps no per-destination counters there).
+    pub(crate) rx_packets: Option<u64>,
+    pub(crate) rx_bytes: Option<u64>,
+    pub(crate) tx_packets: Option<u64>,
+    pub(crate) tx_bytes: Option<u64>,
 }
 
 /// One line of [`Status::connections`].
@@ -132,6 +227,11 @@ pub(crate) struct SleeveStatus {
     pub(crate) rx_frames: u64,
     pub(crate) tx_frames: u64,
     pub(crate) relayed_frames: u64,
+    /// Bytes of received and sent datagrams (UDP payload).
+    #[serde(default)]
+    pub(crate) rx_bytes: u64,
+    #[serde(default)]
+    pub(crate) tx_bytes: u64,
     /// Dropped datagrams or frames by reason.
     pub(crate) drops: BTreeMap<String, u64>,
 }

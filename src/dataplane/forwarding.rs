@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use mesh::PeerName;
@@ -40,6 +41,71 @@ pub struct SessionParams {
     /// The neighbour joins super-frame segments and announced it in the handshake; without it,
     /// super-frames are sent to it as finished TCP frames.
     pub offload: bool,
+    /// Sleeve datagrams and bytes exchanged with this neighbour in this session, bumped by the
+    /// sleeve threads and read by the status API.
+    pub traffic: Traffic,
+}
+
+/// Per-session sleeve counters, shared between the data plane (writes) and the control loop
+/// (reads). Counted per datagram on the wire, so relayed traffic through the neighbour is
+/// included; datagrams that fail authentication are not.
+#[derive(Clone, Default)]
+pub struct Traffic(Arc<TrafficCounters>);
+
+/// The counters behind [`Traffic`].
+#[derive(Debug, Default)]
+pub struct TrafficCounters {
+    /// Datagrams received and accepted.
+    pub rx_packets: AtomicU64,
+    /// Bytes of those datagrams (UDP payload).
+    pub rx_bytes: AtomicU64,
+    /// Datagrams sealed and handed to the socket.
+    pub tx_packets: AtomicU64,
+    /// Bytes of those datagrams (UDP payload).
+    pub tx_bytes: AtomicU64,
+}
+
+impl Traffic {
+    /// Counts one received datagram of `bytes`.
+    // HOT PATH
+    pub fn received(&self, bytes: usize) {
+        self.0.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.0.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one sent datagram of `bytes`.
+    // HOT PATH
+    pub fn sent(&self, bytes: usize) {
+        self.0.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.0.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// The current counts: (rx packets, rx bytes, tx packets, tx bytes).
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        let c = &self.0;
+        (
+            c.rx_packets.load(Ordering::Relaxed),
+            c.rx_bytes.load(Ordering::Relaxed),
+            c.tx_packets.load(Ordering::Relaxed),
+            c.tx_bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+// Counters are not part of a session's identity: two tables with the same sessions are equal
+// when they share the counters.
+impl PartialEq for Traffic {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Traffic {}
+
+impl fmt::Debug for Traffic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 // Keys never reach logs.

@@ -356,6 +356,7 @@ impl Sender {
             self.segment = len;
         }
         self.closed = len < self.segment;
+        session.params.traffic.sent(len);
         let header = Header {
             kind: if sealed { Kind::Sealed } else { Kind::Plain },
             flags,
@@ -519,6 +520,7 @@ mod tests {
             recv_key,
             cipher: crypto::Cipher::ChaCha20Poly1305,
             offload: true,
+            traffic: Default::default(),
         };
         t.sessions.insert(peer, Arc::new(params));
         t

@@ -178,6 +178,7 @@ impl Rx {
                 len
             }
         };
+        session.params.traffic.received(HEADER_LEN + rest.len());
         let body = &mut rest[..body_len];
         if header.flags & FLAG_SEGMENT != 0 {
             self.handle_segment(body, peer, from);
