@@ -222,13 +222,30 @@ pub(crate) fn render(s: &Status) -> String {
 
     render_ipam(&mut out, s);
 
-    family(
+    let mut f = family(
         &mut out,
         "meshctl_dns_queries_total",
         "counter",
-        "DNS queries the embedded name server answered (0 while DNS is not enabled).",
+        "DNS messages the embedded name server received, by outcome (0 while DNS is not enabled).",
+    );
+    let dns = s.dns.as_ref();
+    let count = |pick: fn(&crate::api::types::DnsStatus) -> u64| dns.map_or(0, pick);
+    for (outcome, n) in [
+        ("answered", count(|d| d.answered)),
+        ("nxdomain", count(|d| d.nxdomain)),
+        ("forwarded", count(|d| d.forwarded)),
+        ("upstream_failed", count(|d| d.upstream_failed)),
+        ("malformed", count(|d| d.malformed)),
+    ] {
+        f.sample(&[("outcome", outcome)], n);
+    }
+    family(
+        &mut out,
+        "meshctl_dns_records",
+        "gauge",
+        "Live container names in the mesh's DNS.",
     )
-    .sample(&[], s.dns.as_ref().map_or(0, |d| d.queries));
+    .sample(&[], dns.map_or(0, |d| d.records.len() as u64));
     out
 }
 
@@ -299,6 +316,18 @@ fn render_links(out: &mut String, s: &Status) {
             |l| l.tx_packets,
         ),
     ];
+    let mut f = family(
+        out,
+        "meshctl_peer_drops_total",
+        "counter",
+        "Sleeve datagrams from a directly connected peer dropped, by reason.",
+    );
+    for (p, l) in &linked {
+        let [a, b] = labels(p);
+        for (reason, n) in &l.drops {
+            f.sample(&[(a.0, &a.1), (b.0, &b.1), ("reason", reason)], *n);
+        }
+    }
     for (name, help, rx, tx) in counters {
         let mut f = family(out, name, "counter", help);
         for (p, l) in &linked {
@@ -375,10 +404,6 @@ mod tests {
                 reclaims: vec![],
             }),
             targets: vec![],
-            dns: Some(DnsStatus {
-                queries: 7,
-                ..Default::default()
-            }),
             gossip: Default::default(),
             peers: vec![PeerStatus {
                 name: "11:22:33:44:55:66".into(),
@@ -399,6 +424,7 @@ mod tests {
                     path_mtu_bytes: 1452,
                     rx_bytes: Some(4096),
                     tx_packets: Some(2),
+                    drops: [("replayed".to_string(), 4)].into_iter().collect(),
                     ..Default::default()
                 }),
             }],
@@ -410,6 +436,18 @@ mod tests {
                 nickname: None,
                 error: None,
             }],
+            dns: Some(DnsStatus {
+                domain: "meshctl.local".into(),
+                listening: vec![],
+                upstream: None,
+                queries: 9,
+                answered: 7,
+                nxdomain: 1,
+                forwarded: 1,
+                upstream_failed: 0,
+                malformed: 0,
+                records: vec![],
+            }),
             sleeve: SleeveStatus {
                 drops: [("replayed".to_string(), 3)].into_iter().collect(),
                 ..Default::default()
@@ -433,7 +471,8 @@ mod tests {
             "meshctl_peer_sleeve_bytes_total{peer=\"11:22:33:44:55:66\",nickname=\"b\",direction=\"rx\"} 4096",
             "meshctl_peer_sleeve_packets_total{peer=\"11:22:33:44:55:66\",nickname=\"b\",direction=\"tx\"} 2",
             "meshctl_ipam_addresses{subnet=\"10.32.0.0/12\",peer=\"aa:bb:cc:dd:ee:ff\",state=\"free\"} 97",
-            "meshctl_dns_queries_total 7",
+            "meshctl_peer_drops_total{peer=\"11:22:33:44:55:66\",nickname=\"b\",reason=\"replayed\"} 4",
+            "meshctl_dns_queries_total{outcome=\"answered\"} 7",
             "meshctl_gossip_bytes_total{direction=\"rx\"} 0",
         ] {
             assert!(text.contains(sample), "no {sample} in\n{text}");

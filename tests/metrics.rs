@@ -84,7 +84,7 @@ fn metrics_pass_promtool_and_show_peers_and_traffic() {
         "meshctl_peer_sleeve_packets_total{peer=",
         "meshctl_sleeve_bytes_total{direction=\"rx\"}",
         "meshctl_ipam_addresses",
-        "meshctl_dns_queries_total 0",
+        "meshctl_dns_queries_total{outcome=\"answered\"}",
     ] {
         assert!(body.contains(family), "metrics lack {family}:\n{body}");
     }

@@ -19,71 +19,55 @@ pub(crate) struct Status {
     pub(crate) peers: Vec<PeerStatus>,
     /// Established connections, connection attempts to targets, and recently refused inbound attempts.
     pub(crate) connections: Vec<ConnectionStatus>,
+    /// The addresses this router dials (given by the user or discovered) and how that goes.
+    #[serde(default)]
+    pub(crate) targets: Vec<TargetStatus>,
+    /// Control-plane traffic (gossip, IPAM, heartbeats) on all connections.
+    #[serde(default)]
+    pub(crate) gossip: GossipStatus,
     pub(crate) sleeve: SleeveStatus,
     /// Address allocation (`meshctl ipam`).
     #[serde(default)]
     pub(crate) ipam: Option<IpamStatus>,
-    /// The addresses this router dials (given by the user or discovered) and how that goes.
-    #[serde(default)]
-    pub(crate) targets: Vec<TargetStatus>,
-    /// The embedded name server; `None` while DNS is not enabled.
+    /// Container names and the embedded name server (`meshctl status dns`).
     #[serde(default)]
     pub(crate) dns: Option<DnsStatus>,
-    /// Control-plane traffic (gossip, IPAM, heartbeats) on all connections.
-    #[serde(default)]
-    pub(crate) gossip: GossipStatus,
 }
 
-/// One line of [`Status::targets`].
+/// The name service: what it answers for, where, and every live name in the mesh.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct TargetStatus {
-    pub(crate) address: String,
-    /// `user` (given to launch or connect) or `discovered` (announced by a peer).
-    pub(crate) source: String,
-    /// `connected`, `connecting`, `waiting` (retry due later) or `failed` (waiting after an error).
-    pub(crate) state: String,
-    /// Seconds until the next attempt while waiting.
-    pub(crate) retry_in_secs: Option<u64>,
-    /// Consecutive failed attempts.
-    pub(crate) attempts: u32,
-    pub(crate) last_error: Option<String>,
-}
-
-/// [`Status::dns`]: what the embedded name server knows and has done.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct DnsStatus {
-    /// The domain it answers for, e.g. `meshctl.local`.
+    /// The domain container names live in, e.g. `meshctl.local`.
     pub(crate) domain: String,
-    /// Where it listens, e.g. `10.32.0.254:53`.
-    pub(crate) listen: Option<String>,
-    pub(crate) records: Vec<DnsRecord>,
-    /// Queries answered since launch (from the mesh's records or upstream).
+    /// Addresses the server answers on (UDP and TCP port 53): the bridge's addresses.
+    pub(crate) listening: Vec<String>,
+    /// Where other names are forwarded (`IP:53` from the host's resolv.conf), if anywhere.
+    pub(crate) upstream: Option<String>,
+    /// Messages received by the server.
     pub(crate) queries: u64,
-    /// Queries forwarded to the upstream resolver.
-    #[serde(default)]
-    pub(crate) upstream_queries: u64,
-    /// Queries that failed (malformed, upstream timeout).
-    #[serde(default)]
-    pub(crate) failed_queries: u64,
+    /// Answered from the mesh's names.
+    pub(crate) answered: u64,
+    /// Names in our domain that don't exist.
+    pub(crate) nxdomain: u64,
+    /// Sent upstream.
+    pub(crate) forwarded: u64,
+    /// Upstream silent, failed or missing (answered SERVFAIL).
+    pub(crate) upstream_failed: u64,
+    /// Not a query we could read.
+    pub(crate) malformed: u64,
+    /// Live names of the whole mesh, sorted by name.
+    pub(crate) records: Vec<DnsRecord>,
 }
 
-/// One name in [`DnsStatus::records`].
+/// One live name in [`DnsStatus::records`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct DnsRecord {
     /// Full name without the trailing dot, e.g. `web.meshctl.local`.
     pub(crate) name: String,
     pub(crate) address: String,
-    /// The peer that registered it.
-    pub(crate) peer: Option<String>,
-}
-
-/// [`Status::gossip`]: bytes and messages of the control connections, all peers together.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub(crate) struct GossipStatus {
-    pub(crate) rx_bytes: u64,
-    pub(crate) tx_bytes: u64,
-    pub(crate) rx_messages: u64,
-    pub(crate) tx_messages: u64,
+    /// The peer that registered it (the container's host).
+    pub(crate) peer: String,
+    pub(crate) nickname: Option<String>,
 }
 
 /// `GET /ipam`: who owns which addresses, and what allocation waits for.
@@ -201,6 +185,10 @@ pub(crate) struct LinkStatus {
     pub(crate) rx_bytes: Option<u64>,
     pub(crate) tx_packets: Option<u64>,
     pub(crate) tx_bytes: Option<u64>,
+    /// Sleeve datagrams from this neighbour dropped since the handshake, by reason
+    /// (`auth_failed`, `plain_when_sealed`, `replayed`).
+    #[serde(default)]
+    pub(crate) drops: BTreeMap<String, u64>,
 }
 
 /// One line of [`Status::connections`].
@@ -234,6 +222,30 @@ pub(crate) struct SleeveStatus {
     pub(crate) tx_bytes: u64,
     /// Dropped datagrams or frames by reason.
     pub(crate) drops: BTreeMap<String, u64>,
+}
+
+/// One line of [`Status::targets`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TargetStatus {
+    pub(crate) address: String,
+    /// `user` (given to launch or connect) or `discovered` (announced by a peer).
+    pub(crate) source: String,
+    /// `connected`, `connecting`, `waiting` (retry due later) or `failed` (waiting after an error).
+    pub(crate) state: String,
+    /// Seconds until the next attempt while waiting.
+    pub(crate) retry_in_secs: Option<u64>,
+    /// Consecutive failed attempts.
+    pub(crate) attempts: u32,
+    pub(crate) last_error: Option<String>,
+}
+
+/// [`Status::gossip`]: bytes and messages of the control connections, all peers together.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct GossipStatus {
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_bytes: u64,
+    pub(crate) rx_messages: u64,
+    pub(crate) tx_messages: u64,
 }
 
 /// `POST /connect` and `POST /forget`.

@@ -261,12 +261,20 @@ fn render_dns(s: &Status) -> String {
         return "DNS not enabled\n".to_string();
     };
     let mut out = format!(
-        "DNS: domain {}, listening on {}, {} queries ({} upstream, {} failed)\n",
+        "DNS: domain {}, listening on {}, upstream {}\n  {} queries: {} answered, {} nxdomain, {} forwarded, {} upstream failed, {} malformed\n",
         dns.domain,
-        dns.listen.as_deref().unwrap_or("-"),
+        if dns.listening.is_empty() {
+            "nothing (no address on the bridge; see `meshctl expose`)".to_string()
+        } else {
+            dns.listening.join(", ")
+        },
+        dns.upstream.as_deref().unwrap_or("none"),
         dns.queries,
-        dns.upstream_queries,
-        dns.failed_queries
+        dns.answered,
+        dns.nxdomain,
+        dns.forwarded,
+        dns.upstream_failed,
+        dns.malformed
     );
     let rows: Vec<Vec<String>> = dns
         .records
@@ -275,7 +283,10 @@ fn render_dns(s: &Status) -> String {
             vec![
                 r.name.clone(),
                 r.address.clone(),
-                r.peer.clone().unwrap_or_else(dash),
+                match &r.nickname {
+                    Some(n) => format!("{} ({n})", r.peer),
+                    None => r.peer.clone(),
+                },
             ]
         })
         .collect();

@@ -209,6 +209,8 @@ pub(super) struct Control {
     next_conn: u64,
     dialing: HashSet<SocketAddr>,
     refusals: VecDeque<Refusal>,
+    /// Control-plane messages and their bytes, all connections together.
+    gossip: GossipStatus,
     inputs_tx: mpsc::UnboundedSender<Input>,
     inputs_rx: mpsc::UnboundedReceiver<Input>,
     table_dirty: bool,
@@ -223,8 +225,6 @@ pub(super) struct Control {
     /// The overlay chosen for every known peer at the last evaluation.
     choices: BTreeMap<PeerName, Choice>,
     probe_events: Option<mpsc::UnboundedReceiver<ProbeEvent>>,
-    /// Control-plane messages and their bytes, all connections together.
-    gossip: GossipStatus,
 }
 
 impl Control {
@@ -282,13 +282,13 @@ impl Control {
             next_conn: 1,
             dialing: HashSet::new(),
             refusals: VecDeque::new(),
+            gossip: GossipStatus::default(),
             inputs_tx,
             inputs_rx,
             table_dirty: true,
             probes: HashMap::new(),
             choices: BTreeMap::new(),
             probe_events,
-            gossip: GossipStatus::default(),
         })
     }
 
@@ -1145,15 +1145,15 @@ impl Control {
             nickname: self.local.nickname.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             encryption: sealed,
+            targets,
+            gossip: self.gossip.clone(),
             port: self.settings.port,
             bridge: self.settings.bridge.clone(),
             mtu: self.settings.mtu,
             peers,
             connections,
             ipam: Some(self.ipam_status()),
-            targets,
             dns: None,
-            gossip: self.gossip.clone(),
             sleeve: SleeveStatus {
                 cipher: match (sealed, self.local.ext.cipher.and_then(Cipher::from_code)) {
                     (false, _) => "none".to_string(),
@@ -1206,6 +1206,13 @@ fn link_status(now: Instant, c: &Conn, on_vxlan: bool) -> LinkStatus {
         rx_bytes: sleeve(rx_bytes),
         tx_packets: sleeve(tx_packets),
         tx_bytes: sleeve(tx_bytes),
+        drops: c
+            .session
+            .traffic
+            .drops()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
     }
 }
 

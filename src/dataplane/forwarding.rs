@@ -63,6 +63,24 @@ pub struct TrafficCounters {
     pub tx_packets: AtomicU64,
     /// Bytes of those datagrams (UDP payload).
     pub tx_bytes: AtomicU64,
+    /// Datagrams with this session's index dropped, by reason (also counted in the sleeve's
+    /// per-router `Counters`): replayed,
+    pub drop_replayed: AtomicU64,
+    /// failed authentication,
+    pub drop_auth_failed: AtomicU64,
+    /// plain while a password is set.
+    pub drop_plain_when_sealed: AtomicU64,
+}
+
+/// Why a datagram of a known session was dropped; names as in the sleeve's `Counters::drops`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionDrop {
+    /// A sealed datagram failed authentication.
+    AuthFailed,
+    /// A plain datagram while a password is set.
+    PlainWhenSealed,
+    /// A counter seen before or too old.
+    Replayed,
 }
 
 impl Traffic {
@@ -78,6 +96,29 @@ impl Traffic {
     pub fn sent(&self, bytes: usize) {
         self.0.tx_packets.fetch_add(1, Ordering::Relaxed);
         self.0.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one datagram from this neighbour dropped for `why`.
+    pub fn dropped(&self, why: SessionDrop) {
+        let counter = match why {
+            SessionDrop::AuthFailed => &self.0.drop_auth_failed,
+            SessionDrop::PlainWhenSealed => &self.0.drop_plain_when_sealed,
+            SessionDrop::Replayed => &self.0.drop_replayed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops by reason (`auth_failed`, `plain_when_sealed`, `replayed`).
+    pub fn drops(&self) -> [(&'static str, u64); 3] {
+        let c = &self.0;
+        [
+            ("auth_failed", c.drop_auth_failed.load(Ordering::Relaxed)),
+            (
+                "plain_when_sealed",
+                c.drop_plain_when_sealed.load(Ordering::Relaxed),
+            ),
+            ("replayed", c.drop_replayed.load(Ordering::Relaxed)),
+        ]
     }
 
     /// The current counts: (rx packets, rx bytes, tx packets, tx bytes).
