@@ -234,6 +234,7 @@ fn status_peers_shows_overlay_path_rtt_and_traffic_that_grows_with_a_ping() {
     let text = run(lab, a, &["status", "ipam"]);
     assert!(text.starts_with("IPAM: "), "{text}");
     let all = run(lab, a, &["status"]);
+    eprintln!("meshctl status on sta:\n{all}");
     for heading in [
         "Router ",
         "Peers (2):",
@@ -363,4 +364,51 @@ fn report_is_json_with_every_documented_field() {
         "`meshctl report` does not match docs/report.md:\n  {}\n{report:#}",
         missing.join("\n  ")
     );
+}
+
+/// Goal: for a peer on the kernel VXLAN fast path, status still measures the link (RTT, path
+/// MTU, key age) but says plainly that per-peer traffic is not counted there, instead of showing
+/// a misleading zero. Method: sta and stb without a password (so they pick VXLAN); once stb is on
+/// `vxlan`, its `link` has an RTT and `null` sleeve counters, and the table shows `vxlan` in the
+/// traffic columns.
+#[test]
+fn status_on_vxlan_measures_the_link_but_leaves_traffic_null() {
+    if lab::skip_unless_root("status_on_vxlan_measures_the_link_but_leaves_traffic_null") {
+        return;
+    }
+    let lab = Lab::new();
+    let (a, b) = (lab.host("sta"), lab.host("stb"));
+    let (a_ip, _) = lab.link(&a, &b);
+    a.launch(&[]);
+    b.launch(&[&a_ip.to_string()]);
+    let mut last = Value::Null;
+    let on_vxlan = lab::wait_for(WAIT_MAX, || {
+        last = a.status_json();
+        peer(&last, "stb").is_some_and(|p| {
+            p["overlay"] == "vxlan" && p["link"]["rtt_ms"].as_f64().is_some_and(|r| r > 0.0)
+        })
+    });
+    assert!(
+        on_vxlan,
+        "sta never showed stb on vxlan with an RTT:\n{last:#}{}",
+        lab.report()
+    );
+    let link = &peer(&last, "stb").unwrap()["link"];
+    for key in ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes"] {
+        assert!(link[key].is_null(), "link.{key} on vxlan: {link:#}");
+    }
+    assert!(
+        link["path_mtu_bytes"].as_u64().is_some_and(|m| m >= 1200),
+        "{link:#}"
+    );
+    let text = run(&lab, &a, &["status", "peers"]);
+    let rows = parse_table(&text, "NAME");
+    let rb = rows
+        .iter()
+        .find(|r| r["NICKNAME"] == "stb")
+        .unwrap_or_else(|| panic!("no stb row:\n{text}"));
+    assert_eq!(rb["OVERLAY"], "vxlan", "{text}");
+    assert_eq!(rb["RX BYTES / PKTS"], "vxlan", "{text}");
+    assert_eq!(rb["TX BYTES / PKTS"], "vxlan", "{text}");
+    assert!(rb["RTT"].ends_with("ms"), "{text}");
 }

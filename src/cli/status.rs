@@ -69,7 +69,7 @@ fn render(s: &Status) -> String {
         .filter(|c| c.state == "established")
         .count();
     out.push_str(&format!(
-        "  {} peers ({} reachable), {} connections established, gossip rx {} / tx {}\n",
+        "  peers: {} ({} reachable), connections established: {}, gossip rx {} / tx {}\n",
         s.peers.len(),
         reachable,
         established,
