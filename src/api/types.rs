@@ -19,10 +19,55 @@ pub(crate) struct Status {
     pub(crate) peers: Vec<PeerStatus>,
     /// Established connections, connection attempts to targets, and recently refused inbound attempts.
     pub(crate) connections: Vec<ConnectionStatus>,
+    /// The addresses this router dials (given by the user or discovered) and how that goes.
+    #[serde(default)]
+    pub(crate) targets: Vec<TargetStatus>,
+    /// Control-plane traffic (gossip, IPAM, heartbeats) on all connections.
+    #[serde(default)]
+    pub(crate) gossip: GossipStatus,
     pub(crate) sleeve: SleeveStatus,
     /// Address allocation (`meshctl ipam`).
     #[serde(default)]
     pub(crate) ipam: Option<IpamStatus>,
+    /// Container names and the embedded name server (`meshctl status dns`).
+    #[serde(default)]
+    pub(crate) dns: Option<DnsStatus>,
+}
+
+/// The name service: what it answers for, where, and every live name in the mesh.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsStatus {
+    /// The domain container names live in, e.g. `meshctl.local`.
+    pub(crate) domain: String,
+    /// Addresses the server answers on (UDP and TCP port 53): the bridge's addresses.
+    pub(crate) listening: Vec<String>,
+    /// Where other names are forwarded (`IP:53` from the host's resolv.conf), if anywhere.
+    pub(crate) upstream: Option<String>,
+    /// Messages received by the server.
+    pub(crate) queries: u64,
+    /// Answered from the mesh's names.
+    pub(crate) answered: u64,
+    /// Names in our domain that don't exist.
+    pub(crate) nxdomain: u64,
+    /// Sent upstream.
+    pub(crate) forwarded: u64,
+    /// Upstream silent, failed or missing (answered SERVFAIL).
+    pub(crate) upstream_failed: u64,
+    /// Not a query we could read.
+    pub(crate) malformed: u64,
+    /// Live names of the whole mesh, sorted by name.
+    pub(crate) records: Vec<DnsRecord>,
+}
+
+/// One live name in [`DnsStatus::records`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsRecord {
+    /// Full name without the trailing dot, e.g. `web.meshctl.local`.
+    pub(crate) name: String,
+    pub(crate) address: String,
+    /// The peer that registered it (the container's host).
+    pub(crate) peer: String,
+    pub(crate) nickname: Option<String>,
 }
 
 /// `GET /ipam`: who owns which addresses, and what allocation waits for.
@@ -106,6 +151,44 @@ pub(crate) struct PeerStatus {
     pub(crate) mtu: Option<u32>,
     /// How many connections it announces.
     pub(crate) connections: usize,
+    /// The neighbour that relays our traffic to it; `None` when directly connected or unreachable.
+    #[serde(default)]
+    pub(crate) relayed_via: Option<String>,
+    /// Measurements of the direct connection; `None` unless directly connected.
+    #[serde(default)]
+    pub(crate) link: Option<LinkStatus>,
+}
+
+/// [`PeerStatus::link`]: what we measure on a direct connection to a peer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct LinkStatus {
+    /// Smoothed round-trip time of the control connection (QUIC), in milliseconds.
+    pub(crate) rtt_ms: f64,
+    /// QUIC packets of the control connection declared lost / sent, since the handshake.
+    pub(crate) lost_packets: u64,
+    pub(crate) sent_packets: u64,
+    /// `lost_packets / sent_packets` (0 before anything was sent).
+    pub(crate) loss_ratio: f64,
+    /// Largest UDP payload the underlay path carries, as QUIC's path MTU discovery found it.
+    pub(crate) path_mtu_bytes: u32,
+    /// When the handshake completed, in seconds since the Unix epoch.
+    pub(crate) handshake_unix_secs: u64,
+    /// Seconds since the handshake.
+    pub(crate) handshake_age_secs: u64,
+    /// Age of the key we seal with, in seconds: since the handshake, or since the key last
+    /// rotated (every 2^22 datagrams by default).
+    pub(crate) key_age_secs: u64,
+    /// Sleeve datagrams and bytes exchanged with this neighbour since the handshake, including
+    /// traffic it relays for others; `None` while the peer is on the kernel VXLAN fast path
+    /// (the kernel keeps no per-destination counters there).
+    pub(crate) rx_packets: Option<u64>,
+    pub(crate) rx_bytes: Option<u64>,
+    pub(crate) tx_packets: Option<u64>,
+    pub(crate) tx_bytes: Option<u64>,
+    /// Sleeve datagrams from this neighbour dropped since the handshake, by reason
+    /// (`auth_failed`, `plain_when_sealed`, `replayed`).
+    #[serde(default)]
+    pub(crate) drops: BTreeMap<String, u64>,
 }
 
 /// One line of [`Status::connections`].
@@ -135,8 +218,37 @@ pub(crate) struct SleeveStatus {
     /// Sending keys that moved to a new epoch (keys rotate by datagram count).
     #[serde(default)]
     pub(crate) key_rotations: u64,
+    /// Bytes of received and sent datagrams (UDP payload).
+    #[serde(default)]
+    pub(crate) rx_bytes: u64,
+    #[serde(default)]
+    pub(crate) tx_bytes: u64,
     /// Dropped datagrams or frames by reason.
     pub(crate) drops: BTreeMap<String, u64>,
+}
+
+/// One line of [`Status::targets`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TargetStatus {
+    pub(crate) address: String,
+    /// `user` (given to launch or connect) or `discovered` (announced by a peer).
+    pub(crate) source: String,
+    /// `connected`, `connecting`, `waiting` (retry due later) or `failed` (waiting after an error).
+    pub(crate) state: String,
+    /// Seconds until the next attempt while waiting.
+    pub(crate) retry_in_secs: Option<u64>,
+    /// Consecutive failed attempts.
+    pub(crate) attempts: u32,
+    pub(crate) last_error: Option<String>,
+}
+
+/// [`Status::gossip`]: bytes and messages of the control connections, all peers together.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct GossipStatus {
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_bytes: u64,
+    pub(crate) rx_messages: u64,
+    pub(crate) tx_messages: u64,
 }
 
 /// `POST /connect` and `POST /forget`.

@@ -6,6 +6,7 @@
 mod attach;
 mod launch;
 mod peers;
+mod report;
 mod status;
 
 use std::net::SocketAddr;
@@ -65,12 +66,18 @@ pub(crate) enum Command {
     },
     /// Stop the running router (attached containers keep their interfaces).
     Stop,
-    /// Show the router's peers, connections and data-plane counters.
+    /// Show the router's peers, connections and data-plane counters (all sections, or one).
     Status {
+        /// Show only this section.
+        #[arg(value_enum)]
+        section: Option<status::Section>,
         /// Print one JSON document instead of tables.
         #[arg(long)]
         json: bool,
     },
+    /// Print everything the router knows about itself and its peers as one JSON document with a
+    /// stable, versioned schema (docs/report.md).
+    Report,
     /// Put a container (a network namespace) on the mesh with a veth on the mesh bridge.
     Attach {
         /// A named network namespace (as in `ip netns`), a PID whose namespace to use, or a path to a netns file.
@@ -281,7 +288,8 @@ async fn dispatch(command: Command, paths: &Paths) -> Result<ExitCode> {
         Command::Connect { peers } => peers::connect(paths, peers).await,
         Command::Forget { peers } => peers::forget(paths, peers).await,
         Command::Stop => peers::stop(paths).await,
-        Command::Status { json } => status::run(paths, json).await,
+        Command::Status { section, json } => status::run(paths, section, json).await,
+        Command::Report => report::run(paths).await,
         Command::Ipam { json } => status::ipam(paths, json).await,
         Command::Reset => peers::reset(paths).await,
         Command::Rmpeer { peer } => peers::rmpeer(paths, peer).await,

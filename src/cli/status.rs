@@ -9,19 +9,45 @@ use super::Paths;
 use crate::api::client::call;
 use crate::api::types::Status;
 
-pub(super) async fn run(paths: &Paths, json: bool) -> Result<ExitCode> {
+/// One part of `meshctl status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Section {
+    /// Every other router: overlay and why, path, RTT, loss, MTU, traffic, key age.
+    Peers,
+    /// Control connections, dials and refused attempts.
+    Connections,
+    /// Address allocation (as `meshctl ipam`).
+    Ipam,
+    /// The embedded name server and its records.
+    Dns,
+    /// The addresses this router dials and how that goes.
+    Targets,
+}
+
+pub(super) async fn run(paths: &Paths, section: Option<Section>, json: bool) -> Result<ExitCode> {
     let status: Status = call::<(), _>(&paths.socket, Method::GET, "/status", None).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print!("{}", render(&status));
+    match (section, json) {
+        (None, true) => println!("{}", serde_json::to_string_pretty(&status)?),
+        (Some(section), true) => {
+            let value = match section {
+                Section::Peers => serde_json::to_value(&status.peers)?,
+                Section::Connections => serde_json::to_value(&status.connections)?,
+                Section::Ipam => serde_json::to_value(&status.ipam)?,
+                Section::Dns => serde_json::to_value(&status.dns)?,
+                Section::Targets => serde_json::to_value(&status.targets)?,
+            };
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        (None, false) => print!("{}", render(&status)),
+        (Some(section), false) => print!("{}", render_section(&status, section)),
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// The summary line and every section.
 fn render(s: &Status) -> String {
     let mut out = format!(
-        "Router {} ({}), meshctl {}\n  encryption: {}\n  control port {}, sleeve port {}, vxlan port {}, bridge {}, mtu {}\n\n",
+        "Router {} ({}), meshctl {}\n  encryption: {}\n  control port {}, sleeve port {}, vxlan port {}, bridge {}, mtu {}\n",
         s.name,
         s.nickname,
         s.version,
@@ -36,12 +62,94 @@ fn render(s: &Status) -> String {
         s.bridge,
         s.mtu
     );
-    let dash = || "-".to_string();
-    out.push_str(&format!("Peers ({}):\n", s.peers.len()));
+    let reachable = s.peers.iter().filter(|p| p.reachable).count();
+    let established = s
+        .connections
+        .iter()
+        .filter(|c| c.state == "established")
+        .count();
+    out.push_str(&format!(
+        "  peers: {} ({} reachable), connections established: {}, gossip rx {} / tx {}\n",
+        s.peers.len(),
+        reachable,
+        established,
+        bytes(s.gossip.rx_bytes),
+        bytes(s.gossip.tx_bytes)
+    ));
+    for section in [
+        Section::Peers,
+        Section::Connections,
+        Section::Targets,
+        Section::Ipam,
+        Section::Dns,
+    ] {
+        out.push('\n');
+        out.push_str(&render_section(s, section));
+    }
+    let sl = &s.sleeve;
+    out.push_str(&format!(
+        "\nSleeve ({}): rx {} datagrams / {} frames / {}, tx {} datagrams / {} frames / {}, relayed {} frames, keys rotated {} times\n",
+        sl.cipher,
+        sl.rx_datagrams,
+        sl.rx_frames,
+        bytes(sl.rx_bytes),
+        sl.tx_datagrams,
+        sl.tx_frames,
+        bytes(sl.tx_bytes),
+        sl.relayed_frames,
+        sl.key_rotations
+    ));
+    let drops: Vec<String> = sl
+        .drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    out.push_str(&format!(
+        "  drops: {}\n",
+        if drops.is_empty() {
+            "none".to_string()
+        } else {
+            drops.join(", ")
+        }
+    ));
+    out
+}
+
+fn render_section(s: &Status, section: Section) -> String {
+    match section {
+        Section::Peers => render_peers(s),
+        Section::Connections => render_connections(s),
+        Section::Ipam => match &s.ipam {
+            Some(ipam) => render_ipam(ipam),
+            None => "IPAM: not running\n".to_string(),
+        },
+        Section::Dns => render_dns(s),
+        Section::Targets => render_targets(s),
+    }
+}
+
+fn dash() -> String {
+    "-".to_string()
+}
+
+fn render_peers(s: &Status) -> String {
+    let nick = |name: &str| {
+        s.peers
+            .iter()
+            .find(|p| p.name == name)
+            .map_or_else(|| name.to_string(), |p| p.nickname.clone())
+    };
     let rows: Vec<Vec<String>> = s
         .peers
         .iter()
         .map(|p| {
+            let link = p.link.as_ref();
+            let traffic = |packets: Option<u64>, b: Option<u64>| match (packets, b) {
+                (Some(n), Some(b)) => format!("{} / {n}", bytes(b)),
+                _ if link.is_some() => "vxlan".to_string(),
+                _ => dash(),
+            };
             vec![
                 p.name.clone(),
                 p.nickname.clone(),
@@ -51,24 +159,53 @@ fn render(s: &Status) -> String {
                     "unreachable"
                 }
                 .to_string(),
-                p.next_hop.clone().unwrap_or_else(dash),
-                match &p.overlay {
-                    Some(o) if p.overlay_reason.is_empty() => o.clone(),
-                    Some(o) => format!("{o}: {}", p.overlay_reason),
-                    None => p.overlay_reason.clone(),
+                match (&p.relayed_via, p.reachable) {
+                    (Some(hop), _) => nick(hop),
+                    (None, true) => "direct".to_string(),
+                    (None, false) => dash(),
                 },
+                p.overlay.clone().unwrap_or_else(dash),
+                link.map_or_else(dash, |l| format!("{:.2}ms", l.rtt_ms)),
+                link.map_or_else(dash, |l| format!("{:.1}%", l.loss_ratio * 100.0)),
                 p.mtu.map_or_else(dash, |m| m.to_string()),
+                link.map_or_else(dash, |l| l.path_mtu_bytes.to_string()),
+                traffic(
+                    link.and_then(|l| l.rx_packets),
+                    link.and_then(|l| l.rx_bytes),
+                ),
+                traffic(
+                    link.and_then(|l| l.tx_packets),
+                    link.and_then(|l| l.tx_bytes),
+                ),
+                link.map_or_else(dash, |l| duration(l.key_age_secs)),
                 p.cipher.clone().unwrap_or_else(dash),
+                p.overlay_reason.clone(),
             ]
         })
         .collect();
-    out.push_str(&table(
-        &[
-            "NAME", "NICKNAME", "STATE", "NEXT HOP", "OVERLAY", "MTU", "CIPHER",
-        ],
-        &rows,
-    ));
-    out.push_str(&format!("\nConnections ({}):\n", s.connections.len()));
+    format!("Peers ({}):\n", s.peers.len())
+        + &table(
+            &[
+                "NAME",
+                "NICKNAME",
+                "STATE",
+                "VIA",
+                "OVERLAY",
+                "RTT",
+                "LOSS",
+                "MTU",
+                "PATH MTU",
+                "RX BYTES / PKTS",
+                "TX BYTES / PKTS",
+                "KEY AGE",
+                "CIPHER",
+                "REASON",
+            ],
+            &rows,
+        )
+}
+
+fn render_connections(s: &Status) -> String {
     let rows: Vec<Vec<String>> = s
         .connections
         .iter()
@@ -87,30 +224,102 @@ fn render(s: &Status) -> String {
             ]
         })
         .collect();
-    out.push_str(&table(
-        &["ADDRESS", "DIRECTION", "STATE", "PEER", "ERROR"],
-        &rows,
-    ));
-    let sl = &s.sleeve;
-    out.push_str(&format!(
-        "\nSleeve ({}): rx {} datagrams / {} frames, tx {} datagrams / {} frames, relayed {} frames\n",
-        sl.cipher, sl.rx_datagrams, sl.rx_frames, sl.tx_datagrams, sl.tx_frames, sl.relayed_frames
-    ));
-    let drops: Vec<String> = sl
-        .drops
+    format!("Connections ({}):\n", s.connections.len())
+        + &table(&["ADDRESS", "DIRECTION", "STATE", "PEER", "ERROR"], &rows)
+}
+
+fn render_targets(s: &Status) -> String {
+    let rows: Vec<Vec<String>> = s
+        .targets
         .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| format!("{k} {n}"))
+        .map(|t| {
+            vec![
+                t.address.clone(),
+                t.source.clone(),
+                t.state.clone(),
+                t.attempts.to_string(),
+                t.retry_in_secs.map_or_else(dash, duration),
+                t.last_error.clone().unwrap_or_default(),
+            ]
+        })
         .collect();
-    out.push_str(&format!(
-        "  drops: {}\n",
-        if drops.is_empty() {
-            "none".to_string()
+    format!("Targets ({}):\n", s.targets.len())
+        + &table(
+            &[
+                "ADDRESS",
+                "SOURCE",
+                "STATE",
+                "ATTEMPTS",
+                "RETRY IN",
+                "LAST ERROR",
+            ],
+            &rows,
+        )
+}
+
+fn render_dns(s: &Status) -> String {
+    let Some(dns) = &s.dns else {
+        return "DNS not enabled\n".to_string();
+    };
+    let mut out = format!(
+        "DNS: domain {}, listening on {}, upstream {}\n  {} queries: {} answered, {} nxdomain, {} forwarded, {} upstream failed, {} malformed\n",
+        dns.domain,
+        if dns.listening.is_empty() {
+            "nothing (no address on the bridge; see `meshctl expose`)".to_string()
         } else {
-            drops.join(", ")
-        }
-    ));
+            dns.listening.join(", ")
+        },
+        dns.upstream.as_deref().unwrap_or("none"),
+        dns.queries,
+        dns.answered,
+        dns.nxdomain,
+        dns.forwarded,
+        dns.upstream_failed,
+        dns.malformed
+    );
+    let rows: Vec<Vec<String>> = dns
+        .records
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.address.clone(),
+                match &r.nickname {
+                    Some(n) => format!("{} ({n})", r.peer),
+                    None => r.peer.clone(),
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&format!("Records ({}):\n", dns.records.len()));
+    out.push_str(&table(&["NAME", "ADDRESS", "PEER"], &rows));
     out
+}
+
+/// Bytes in binary units, e.g. `1.5 MiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Seconds as `45s`, `3m20s`, `2h5m`, `3d4h`.
+fn duration(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h{}m", secs / 3600, secs / 60 % 60),
+        _ => format!("{}d{}h", secs / 86_400, secs / 3600 % 24),
+    }
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -222,5 +431,17 @@ mod tests {
             &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]],
         );
         assert_eq!(t, "  A    BB\n  xxx  y\n  z    w\n");
+    }
+
+    #[test]
+    fn bytes_and_durations_read_like_people_write_them() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+        assert_eq!(duration(5), "5s");
+        assert_eq!(duration(200), "3m20s");
+        assert_eq!(duration(7500), "2h5m");
+        assert_eq!(duration(2 * 86_400 + 3600), "2d1h");
     }
 }

@@ -20,13 +20,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
-use mesh::{ConnId, Event, Identity, PeerName, Router, RouterConfig, TargetState};
+use mesh::{ConnId, Event, Identity, PeerName, Router, RouterConfig, TargetKind, TargetState};
 use tokio::sync::{mpsc, watch};
 
 use crate::api::server::Call;
 use crate::api::types::{
-    ConnectionStatus, IpamAllocation, IpamOwner, IpamStatus, IpamSubnet, PeerStatus, SleeveStatus,
-    Status,
+    ConnectionStatus, GossipStatus, IpamAllocation, IpamOwner, IpamStatus, IpamSubnet, LinkStatus,
+    PeerStatus, SleeveStatus, Status, TargetStatus,
 };
 use crate::dataplane::forwarding::{ForwardingTable, SessionParams};
 use crate::dataplane::overlay::{self, Choice, PeerFacts, ProbeState, PROBE_INTERVAL};
@@ -195,6 +195,9 @@ struct Conn {
     vxlan: Option<VxlanHello>,
     /// Our address on this connection, for `--trusted-subnets`.
     local_ip: Option<IpAddr>,
+    /// When the handshake completed (monotonic, and wall clock for the report).
+    established_at: Instant,
+    established_wall: SystemTime,
 }
 
 struct Refusal {
@@ -211,6 +214,8 @@ pub(super) struct Control {
     next_conn: u64,
     dialing: HashSet<SocketAddr>,
     refusals: VecDeque<Refusal>,
+    /// Control-plane messages and their bytes, all connections together.
+    gossip: GossipStatus,
     inputs_tx: mpsc::UnboundedSender<Input>,
     inputs_rx: mpsc::UnboundedReceiver<Input>,
     table_dirty: bool,
@@ -283,6 +288,7 @@ impl Control {
             next_conn: 1,
             dialing: HashSet::new(),
             refusals: VecDeque::new(),
+            gossip: GossipStatus::default(),
             inputs_tx,
             inputs_rx,
             table_dirty: true,
@@ -389,6 +395,8 @@ impl Control {
                 }
             }
             Input::Message { conn, bytes } => {
+                self.gossip.rx_messages += 1;
+                self.gossip.rx_bytes += bytes.len() as u64;
                 if let Err(e) = self.router.handle_message(now, conn, &bytes) {
                     tracing::warn!(conn = conn.0, "closing connection: {e}");
                     self.close(conn, &e.to_string());
@@ -443,6 +451,7 @@ impl Control {
             ),
             offload: remote.ext.offload,
             epoch_shift: agree_epoch_shift(Some(self.local.epoch_shift), remote.epoch_shift),
+            traffic: Default::default(),
         });
         // quinn knows the local address only from packet info, which dialed connections may
         // lack; the route to the peer names it as well.
@@ -475,6 +484,8 @@ impl Control {
                 session,
                 vxlan: remote.vxlan,
                 local_ip,
+                established_at: now,
+                established_wall: SystemTime::now(),
             },
         );
         self.table_dirty = true;
@@ -695,7 +706,10 @@ impl Control {
             while let Some(t) = self.router.poll_transmit() {
                 progress = true;
                 if let Some(c) = self.conns.get(&t.conn) {
-                    let _ = c.tx.send(t.encode());
+                    let bytes = t.encode();
+                    self.gossip.tx_messages += 1;
+                    self.gossip.tx_bytes += bytes.len() as u64;
+                    let _ = c.tx.send(bytes);
                 }
             }
             while let Some(event) = self.router.poll_event() {
@@ -1037,7 +1051,13 @@ impl Control {
                         .to_string(),
                     )
                 });
+                let relayed_via = next_hop.filter(|hop| *hop != p.name).map(|h| h.to_string());
+                let link = self
+                    .conn_to(p.name)
+                    .map(|c| link_status(now, c, overlay.as_deref() == Some("vxlan")));
                 PeerStatus {
+                    relayed_via,
+                    link,
                     cipher,
                     name: p.name.to_string(),
                     nickname: p.nickname.clone(),
@@ -1090,6 +1110,34 @@ impl Control {
             error: Some(r.error.clone()),
         }));
 
+        let targets = self
+            .router
+            .targets()
+            .into_iter()
+            .map(|t| TargetStatus {
+                address: t.addr.to_string(),
+                source: match t.kind {
+                    TargetKind::User => "user",
+                    TargetKind::Discovered => "discovered",
+                }
+                .to_string(),
+                state: match t.state {
+                    TargetState::Connected => "connected",
+                    TargetState::Connecting => "connecting",
+                    TargetState::Waiting { .. } if t.last_error.is_some() => "failed",
+                    TargetState::Waiting { .. } => "waiting",
+                }
+                .to_string(),
+                retry_in_secs: match t.state {
+                    TargetState::Waiting { next_attempt } => {
+                        Some(next_attempt.saturating_duration_since(now).as_secs())
+                    }
+                    _ => None,
+                },
+                attempts: t.attempts,
+                last_error: t.last_error,
+            })
+            .collect();
         let snapshot = self.settings.counters.snapshot();
         let get = |k: &str| snapshot.get(k).copied().unwrap_or(0);
         let drops = self
@@ -1104,12 +1152,15 @@ impl Control {
             nickname: self.local.nickname.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             encryption: sealed,
+            targets,
+            gossip: self.gossip.clone(),
             port: self.settings.port,
             bridge: self.settings.bridge.clone(),
             mtu: self.settings.mtu,
             peers,
             connections,
             ipam: Some(self.ipam_status()),
+            dns: None,
             sleeve: SleeveStatus {
                 cipher: match (sealed, self.local.ext.cipher.and_then(Cipher::from_code)) {
                     (false, _) => "none".to_string(),
@@ -1126,9 +1177,54 @@ impl Control {
                 tx_frames: get("tx_frames"),
                 relayed_frames: get("relayed_frames"),
                 key_rotations: get("key_rotations"),
+                rx_bytes: get("rx_bytes"),
+                tx_bytes: get("tx_bytes"),
                 drops,
             },
         }
+    }
+}
+
+/// What we measure on the direct connection `c`. Sleeve counters are left out while the peer
+/// is on VXLAN: the kernel counts per device, not per remote.
+fn link_status(now: Instant, c: &Conn, on_vxlan: bool) -> LinkStatus {
+    let stats = c.connection.stats();
+    let path = &stats.path;
+    let age = now.saturating_duration_since(c.established_at).as_secs();
+    let (rx_packets, rx_bytes, tx_packets, tx_bytes) = c.session.traffic.snapshot();
+    let sleeve = |v: u64| (!on_vxlan).then_some(v);
+    LinkStatus {
+        rtt_ms: c.connection.rtt().as_secs_f64() * 1000.0,
+        lost_packets: path.lost_packets,
+        sent_packets: path.sent_packets,
+        loss_ratio: if path.sent_packets == 0 {
+            0.0
+        } else {
+            path.lost_packets as f64 / path.sent_packets as f64
+        },
+        path_mtu_bytes: u32::from(path.current_mtu),
+        handshake_unix_secs: c
+            .established_wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        handshake_age_secs: age,
+        key_age_secs: c
+            .session
+            .traffic
+            .key_since()
+            .map_or(age, |since| since.elapsed().as_secs()),
+        rx_packets: sleeve(rx_packets),
+        rx_bytes: sleeve(rx_bytes),
+        tx_packets: sleeve(tx_packets),
+        tx_bytes: sleeve(tx_bytes),
+        drops: c
+            .session
+            .traffic
+            .drops()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
     }
 }
 

@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use mesh::PeerName;
@@ -42,6 +43,127 @@ pub struct SessionParams {
     pub offload: bool,
     /// Datagrams per key epoch as a power of two (`crypto::epoch_of`), agreed in the handshake.
     pub epoch_shift: u8,
+    /// Sleeve datagrams and bytes exchanged with this neighbour in this session, bumped by the
+    /// sleeve threads and read by the status API.
+    pub traffic: Traffic,
+}
+
+/// Per-session sleeve counters, shared between the data plane (writes) and the control loop
+/// (reads). Counted per datagram on the wire, so relayed traffic through the neighbour is
+/// included; datagrams that fail authentication are not.
+#[derive(Clone, Default)]
+pub struct Traffic(Arc<TrafficCounters>);
+
+/// The counters behind [`Traffic`].
+#[derive(Debug, Default)]
+pub struct TrafficCounters {
+    /// Datagrams received and accepted.
+    pub rx_packets: AtomicU64,
+    /// Bytes of those datagrams (UDP payload).
+    pub rx_bytes: AtomicU64,
+    /// Datagrams sealed and handed to the socket.
+    pub tx_packets: AtomicU64,
+    /// Bytes of those datagrams (UDP payload).
+    pub tx_bytes: AtomicU64,
+    /// Datagrams with this session's index dropped, by reason (also counted in the sleeve's
+    /// per-router `Counters`): replayed,
+    pub drop_replayed: AtomicU64,
+    /// failed authentication,
+    pub drop_auth_failed: AtomicU64,
+    /// plain while a password is set.
+    pub drop_plain_when_sealed: AtomicU64,
+    /// When our sending key last moved to a new epoch (`None`: still the handshake's key).
+    /// Written once per epoch (millions of datagrams), so a lock costs nothing.
+    pub send_key_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Why a datagram of a known session was dropped; names as in the sleeve's `Counters::drops`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionDrop {
+    /// A sealed datagram failed authentication.
+    AuthFailed,
+    /// A plain datagram while a password is set.
+    PlainWhenSealed,
+    /// A counter seen before or too old.
+    Replayed,
+}
+
+impl Traffic {
+    /// Counts one received datagram of `bytes`.
+    // HOT PATH
+    pub fn received(&self, bytes: usize) {
+        self.0.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.0.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Notes that the sending key just moved to a new epoch.
+    pub fn key_rotated(&self) {
+        if let Ok(mut since) = self.0.send_key_since.lock() {
+            *since = Some(std::time::Instant::now());
+        }
+    }
+
+    /// When the sending key last rotated, if it has.
+    pub fn key_since(&self) -> Option<std::time::Instant> {
+        self.0.send_key_since.lock().ok().and_then(|s| *s)
+    }
+
+    /// Counts one sent datagram of `bytes`.
+    // HOT PATH
+    pub fn sent(&self, bytes: usize) {
+        self.0.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.0.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one datagram from this neighbour dropped for `why`.
+    pub fn dropped(&self, why: SessionDrop) {
+        let counter = match why {
+            SessionDrop::AuthFailed => &self.0.drop_auth_failed,
+            SessionDrop::PlainWhenSealed => &self.0.drop_plain_when_sealed,
+            SessionDrop::Replayed => &self.0.drop_replayed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops by reason (`auth_failed`, `plain_when_sealed`, `replayed`).
+    pub fn drops(&self) -> [(&'static str, u64); 3] {
+        let c = &self.0;
+        [
+            ("auth_failed", c.drop_auth_failed.load(Ordering::Relaxed)),
+            (
+                "plain_when_sealed",
+                c.drop_plain_when_sealed.load(Ordering::Relaxed),
+            ),
+            ("replayed", c.drop_replayed.load(Ordering::Relaxed)),
+        ]
+    }
+
+    /// The current counts: (rx packets, rx bytes, tx packets, tx bytes).
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        let c = &self.0;
+        (
+            c.rx_packets.load(Ordering::Relaxed),
+            c.rx_bytes.load(Ordering::Relaxed),
+            c.tx_packets.load(Ordering::Relaxed),
+            c.tx_bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+// Counters are not part of a session's identity: two tables with the same sessions are equal
+// when they share the counters.
+impl PartialEq for Traffic {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Traffic {}
+
+impl fmt::Debug for Traffic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 // Keys never reach logs.

@@ -361,6 +361,7 @@ impl Sender {
             self.segment = len;
         }
         self.closed = len < self.segment;
+        session.params.traffic.sent(len);
         let header = Header {
             kind: if sealed { Kind::Sealed } else { Kind::Plain },
             flags,
@@ -380,6 +381,7 @@ impl Sender {
                     != crypto::epoch_of(counter, session.params.epoch_shift)
             {
                 bump(&self.shared.counters.key_rotations, 1);
+                session.params.traffic.key_rotated();
             }
             let tag =
                 session
@@ -532,6 +534,7 @@ mod tests {
             offload: true,
             // Rotate keys every 256 datagrams, so the tests cross many epochs.
             epoch_shift: crypto::EPOCH_SHIFT_MIN,
+            traffic: Default::default(),
         };
         t.sessions.insert(peer, Arc::new(params));
         t

@@ -30,7 +30,7 @@ use super::frame::{
 use super::offload::{self, Layout, VnetHdr, FRAME_MAX, F_NEEDS_CSUM, GSO_NONE, VNET_HDR_LEN};
 use super::replay::ReplayWindow;
 use super::{bump, same_keys, Sender, Shared, Snapshot, IDLE_POLL, MACS_MAX};
-use crate::dataplane::forwarding::SessionParams;
+use crate::dataplane::forwarding::{SessionDrop, SessionParams};
 
 /// The receiving half of a session.
 struct RxSession {
@@ -156,28 +156,33 @@ impl Rx {
         let body_len = match header.kind {
             Kind::Plain if self.snapshot.table.sealed => {
                 tracing::debug!(%from, %peer, "plain datagram while sealed");
+                session.params.traffic.dropped(SessionDrop::PlainWhenSealed);
                 return bump(&counters.drop_plain_when_sealed, 1);
             }
             Kind::Plain => rest.len(),
             Kind::Sealed => {
                 if !session.replay.would_accept(header.counter) {
                     tracing::debug!(%from, %peer, counter = header.counter, "replayed datagram");
+                    session.params.traffic.dropped(SessionDrop::Replayed);
                     return bump(&counters.drop_replayed, 1);
                 }
                 let len = match session.opening.open(head, header.counter, rest) {
                     Ok(plain) => plain.len(),
                     Err(e) => {
                         tracing::debug!(%from, %peer, error = %e, "dropping datagram");
+                        session.params.traffic.dropped(SessionDrop::AuthFailed);
                         return bump(&counters.drop_auth_failed, 1);
                     }
                 };
                 if !session.replay.accept(header.counter) {
                     tracing::debug!(%from, %peer, counter = header.counter, "replayed datagram");
+                    session.params.traffic.dropped(SessionDrop::Replayed);
                     return bump(&counters.drop_replayed, 1);
                 }
                 len
             }
         };
+        session.params.traffic.received(HEADER_LEN + rest.len());
         let body = &mut rest[..body_len];
         if header.flags & FLAG_SEGMENT != 0 {
             self.handle_segment(body, peer, from);
