@@ -221,6 +221,7 @@ mod tests {
                 nickname: None,
                 error: None,
             }],
+            dns: None,
             sleeve: SleeveStatus {
                 drops: [("replayed".to_string(), 3)].into_iter().collect(),
                 ..Default::default()

@@ -23,6 +23,77 @@ pub(crate) struct Status {
     /// Address allocation (`meshctl ipam`).
     #[serde(default)]
     pub(crate) ipam: Option<IpamStatus>,
+    /// Container names and the embedded name server (`meshctl status dns`).
+    #[serde(default)]
+    pub(crate) dns: Option<DnsStatus>,
+}
+
+/// The name service: what it answers for, where, and every live name in the mesh.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsStatus {
+    /// The domain container names live in, e.g. `meshctl.local`.
+    pub(crate) domain: String,
+    /// Addresses the server answers on (UDP and TCP port 53): the bridge's addresses.
+    pub(crate) listening: Vec<String>,
+    /// Where other names are forwarded (`IP:53` from the host's resolv.conf), if anywhere.
+    pub(crate) upstream: Option<String>,
+    /// Messages received by the server.
+    pub(crate) queries: u64,
+    /// Answered from the mesh's names.
+    pub(crate) answered: u64,
+    /// Names in our domain that don't exist.
+    pub(crate) nxdomain: u64,
+    /// Sent upstream.
+    pub(crate) forwarded: u64,
+    /// Upstream silent, failed or missing (answered SERVFAIL).
+    pub(crate) upstream_failed: u64,
+    /// Not a query we could read.
+    pub(crate) malformed: u64,
+    /// Live names of the whole mesh, sorted by name.
+    pub(crate) records: Vec<DnsRecord>,
+}
+
+/// One live name in [`DnsStatus::records`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsRecord {
+    /// Full name without the trailing dot, e.g. `web.meshctl.local`.
+    pub(crate) name: String,
+    pub(crate) address: String,
+    /// The peer that registered it (the container's host).
+    pub(crate) peer: String,
+    pub(crate) nickname: Option<String>,
+}
+
+/// `POST /dns/add`: register names of containers on this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsAddRequest {
+    /// `web` or `web.meshctl.local`.
+    pub(crate) name: String,
+    pub(crate) ips: Vec<String>,
+}
+
+/// `POST /dns/remove`: remove this host's records of a name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsRemoveRequest {
+    pub(crate) name: String,
+    /// Only this address; all of this host's addresses for the name without it.
+    pub(crate) ip: Option<String>,
+}
+
+/// `POST /dns/lookup`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsLookupRequest {
+    pub(crate) name: String,
+}
+
+/// Answer to the `/dns/*` calls: the name (qualified) and its addresses afterwards.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsNameResponse {
+    pub(crate) name: String,
+    pub(crate) addresses: Vec<String>,
+    /// How many records the call added or removed (0 for lookup).
+    #[serde(default)]
+    pub(crate) changed: usize,
 }
 
 /// `GET /ipam`: who owns which addresses, and what allocation waits for.
@@ -158,6 +229,12 @@ pub(crate) struct AttachRequest {
     /// How long to wait for an address, in seconds.
     #[serde(default)]
     pub(crate) wait_secs: Option<u64>,
+    /// The container's DNS name (`web`, qualified with the domain); registered on attach.
+    #[serde(default)]
+    pub(crate) name: Option<String>,
+    /// The IPAM key, when the caller has its own (the CNI plugin: `cni:ID:IFNAME`).
+    #[serde(default)]
+    pub(crate) key: Option<String>,
 }
 
 /// Answer to `POST /attach`.
@@ -176,6 +253,12 @@ pub(crate) struct DetachRequest {
     pub(crate) ifname: String,
     #[serde(default)]
     pub(crate) container: Option<String>,
+    /// The container's DNS name, removed on detach.
+    #[serde(default)]
+    pub(crate) name: Option<String>,
+    /// The IPAM key given to attach, if any.
+    #[serde(default)]
+    pub(crate) key: Option<String>,
 }
 
 /// Body of every error answer.
