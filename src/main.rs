@@ -15,5 +15,11 @@ mod plugin;
 mod transport;
 
 fn main() -> std::process::ExitCode {
+    // The name we are called by selects the mode: `meshnet` (a link to us) is the CNI plugin.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let called = std::path::Path::new(&argv0).file_name().unwrap_or_default();
+    if called == plugin::cni::PLUGIN_NAME {
+        return plugin::cni::main();
+    }
     cli::main()
 }

@@ -52,6 +52,8 @@ pub struct Records {
     entries: BTreeMap<Key, Record>,
     /// When each tombstone was first seen here, for `gc`.
     buried: BTreeMap<Key, Instant>,
+    /// Grows with every change to `entries`, so a reader can tell cheaply whether to re-read.
+    generation: u64,
 }
 
 /// Normalizes a DNS name: lowercase, no trailing dot.
@@ -68,6 +70,7 @@ impl Records {
             clock,
             entries: BTreeMap::new(),
             buried: BTreeMap::new(),
+            generation: 0,
         }
     }
 
@@ -87,6 +90,7 @@ impl Records {
         };
         self.buried.remove(&key);
         self.entries.insert(key, record.clone());
+        self.generation += 1;
         Some(RecordsUpdate {
             records: vec![record],
         })
@@ -119,6 +123,7 @@ impl Records {
             record.tombstone = true;
             out.push(record.clone());
             self.buried.insert(key, now);
+            self.generation += 1;
         }
         (!out.is_empty()).then_some(RecordsUpdate { records: out })
     }
@@ -145,6 +150,7 @@ impl Records {
                 self.buried.remove(&key);
             }
             self.entries.insert(key, record.clone());
+            self.generation += 1;
             new.push(record);
         }
         (!new.is_empty()).then_some(RecordsUpdate { records: new })
@@ -194,6 +200,15 @@ impl Records {
         }
         self.entries
             .retain(|_, r| r.tombstone || r.origin == self.me || !origin_gone(r.origin));
-        before - self.entries.len()
+        let dropped = before - self.entries.len();
+        if dropped > 0 {
+            self.generation += 1;
+        }
+        dropped
+    }
+
+    /// A number that grows with every change; equal numbers mean the same records.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 }

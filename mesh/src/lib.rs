@@ -9,7 +9,8 @@
 //! - [`gossip`]: the [`gossip::Channel`] trait, random fan-out, periodic timer.
 //! - [`wire`]: message framing, `[PROTOCOL_VERSION][postcard(Message)]`.
 //! - [`connect`]: whom to dial and when (targets, backoff, discovery).
-//! - [`dns`]: container name records gossiped with tombstones (not yet carried by the router).
+//! - [`dns`]: container name records gossiped with tombstones (carried by the router as
+//!   [`Message::Dns`]).
 //! - [`ipam`]: address allocation: rings of ranges owned by peers, bootstrap votes,
 //!   allocation, donations and quorum-agreed reclaims.
 //! - [`router`]: composes the above; the only `handle_*` / `poll_*` surface.

@@ -18,6 +18,12 @@
 //! - timeout: our digest to [`gossip::FANOUT`] random neighbours every `gossip_interval`, the
 //!   delayed route computation, collection of peers unreachable for `gc_grace`, due dials.
 //!
+//! Container names ([`crate::dns::Records`]) travel like the topology: a delta to every
+//! neighbour when a name is added or removed here or arrives new from elsewhere, our full set to
+//! a new neighbour and with each periodic digest (only while there are records, so a mesh
+//! without names sends no [`Message::Dns`] at all). Tombstones are dropped after
+//! [`DNS_TOMBSTONE_GRACE`], records of peers collected from the topology with them.
+//!
 //! After a topology change (at once, or `route_delay` later so that a burst of changes costs one
 //! computation) the unicast routes are recomputed, peers without a path are marked unreachable,
 //! discovered targets are refreshed, and `Event::RoutesChanged` is queued. Broadcast children
@@ -42,6 +48,7 @@ use rand::seq::IteratorRandom;
 use rand::SeedableRng;
 
 use crate::connect::{ConnectionMaker, Policy, TargetStatus};
+use crate::dns::{Records, RecordsUpdate};
 use crate::gossip::{self, Channel, Periodic};
 use crate::ipam::{AllocError, Ipam, IpamConfig, IpamEvent, Persisted, RestoreError};
 use crate::peer::{ConnId, PeerName};
@@ -82,6 +89,10 @@ pub struct RouterConfig {
 /// connections stays connected with a diameter of 3 to 4 hops up to thousands of peers, and
 /// every topology entry (one connection list) stays below about 1 KiB.
 pub const CONN_LIMIT_DEFAULT: usize = 16;
+
+/// How long a removed container name is remembered (as a tombstone) so that a stale copy
+/// arriving later can't bring it back; every peer must have heard of the removal by then.
+pub const DNS_TOMBSTONE_GRACE: Duration = Duration::from_secs(600);
 
 /// Entries of small updates remembered per connection for duplicate suppression.
 const HEARD_MAX: usize = 256;
@@ -183,6 +194,8 @@ pub struct Router {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     ipam: Ipam,
+    /// Container names of the whole mesh.
+    dns: Records,
     /// When the delayed route computation is due, if a change is pending.
     dirty: Option<Instant>,
     /// Target addresses that others announce for peers we are connected to (refreshed with
@@ -208,6 +221,9 @@ impl Router {
         };
         Router {
             ipam: Ipam::new(config.ipam.clone(), name, seed ^ 0x1fa3_5eed, now),
+            // Versions of an earlier life stay below this one's (at most 2^20 changes per
+            // second of incarnation); `Records::merge` also moves past any it sees.
+            dns: Records::new(name, config.incarnation.saturating_mul(1 << 20)),
             periodic: Periodic::new(now, config.gossip_interval),
             maker: ConnectionMaker::new(policy, seed ^ 0x9e37_79b9_7f4a_7c15),
             rng: SmallRng::seed_from_u64(seed),
@@ -297,6 +313,9 @@ impl Router {
         let delta = self.update_own_entry();
         self.send(conn, Message::Gossip(self.topology.full_state()));
         self.send(conn, Message::Ipam(Box::new(self.ipam.full_state())));
+        if let Some(names) = self.dns_full_state() {
+            self.send(conn, names);
+        }
         if let Some(delta) = delta {
             self.send_to_all_except(Some(conn), &delta);
         }
@@ -397,7 +416,66 @@ impl Router {
                 self.ipam.merge(now, *update);
                 self.flush_ipam();
             }
+            Message::Dns(update) => {
+                if let Some(delta) = self.dns.merge(now, update) {
+                    self.send_dns(Some(conn), delta);
+                }
+            }
         }
+    }
+
+    /// Our whole name set as a message, unless it is empty.
+    fn dns_full_state(&self) -> Option<Message> {
+        let full = self.dns.full_state();
+        (!full.records.is_empty()).then_some(Message::Dns(full))
+    }
+
+    /// Sends a name delta to every connection but `except`.
+    fn send_dns(&mut self, except: Option<ConnId>, delta: RecordsUpdate) {
+        let message = Arc::new(Message::Dns(delta));
+        for &conn in self.conns.keys() {
+            if Some(conn) != except {
+                self.transmits.push_back(Transmit {
+                    conn,
+                    message: message.clone(),
+                });
+            }
+        }
+    }
+
+    /// Registers `name -> addr` as one of our containers' names and gossips it. Returns false
+    /// if it was registered already.
+    pub fn dns_add(&mut self, name: &str, addr: std::net::IpAddr) -> bool {
+        match self.dns.add(name, addr) {
+            Some(delta) => {
+                self.send_dns(None, delta);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes our records for `name` (only `addr` if given), leaving tombstones that are
+    /// gossiped. Returns how many records were removed.
+    pub fn dns_remove(
+        &mut self,
+        now: Instant,
+        name: &str,
+        addr: Option<std::net::IpAddr>,
+    ) -> usize {
+        match self.dns.remove(now, name, addr) {
+            Some(delta) => {
+                let n = delta.records.len();
+                self.send_dns(None, delta);
+                n
+            }
+            None => 0,
+        }
+    }
+
+    /// The mesh's container names as this peer knows them.
+    pub fn dns(&self) -> &Records {
+        &self.dns
     }
 
     fn digest_message(&self, reply: bool) -> Message {
@@ -432,7 +510,14 @@ impl Router {
                 if self.ipam.in_use() {
                     self.send(conn, Message::Ipam(Box::new(self.ipam.full_state())));
                 }
+                if let Some(names) = self.dns_full_state() {
+                    self.send(conn, names);
+                }
             }
+            let topology = &self.topology;
+            self.dns.gc(now, DNS_TOMBSTONE_GRACE, |origin| {
+                !topology.peers().any(|p| p.name == origin)
+            });
         }
         if now >= self.ipam.poll_timeout() {
             self.ipam.handle_timeout(now);

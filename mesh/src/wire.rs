@@ -36,6 +36,11 @@ pub enum Message {
         /// Whether the receiver should answer with its own digest on a mismatch.
         reply: bool,
     },
+    /// Container name records (`crate::dns`): a delta on change, the full state to a new
+    /// neighbour and periodically. Appended last, so the other variants keep their encoding;
+    /// a peer built before it closes the connection on it with a decode error, and the router
+    /// sends it only once there are records to carry.
+    Dns(crate::dns::RecordsUpdate),
 }
 
 impl Message {
@@ -147,6 +152,16 @@ mod tests {
         assert_eq!(decode(&encode(&digest)), Ok(digest.clone()));
         assert_eq!(digest.encoded_len(), encode(&digest).len());
         assert_eq!(msg.encoded_len(), bytes.len());
+        let dns = Message::Dns(crate::dns::RecordsUpdate {
+            records: vec![crate::dns::Record {
+                name: "web.meshctl.local".into(),
+                addr: "10.32.0.5".parse().expect("literal addr"),
+                origin: PeerName(7),
+                version: 3,
+                tombstone: true,
+            }],
+        });
+        assert_eq!(decode(&encode(&dns)), Ok(dns));
     }
 
     #[test]

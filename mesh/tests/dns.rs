@@ -94,3 +94,47 @@ fn a_restarted_peer_moves_its_clock_past_its_old_records() {
     let del = restarted.remove(now, "x", None).unwrap();
     assert!(del.records[0].version > 1);
 }
+
+/// Goal: a name registered on one router reaches every router through gossip, and its removal
+/// reaches them too. Method: a simulated mesh of six peers in a random tree with some loss; add
+/// on peer 0, run, look up everywhere; remove, run, look up again.
+#[test]
+fn names_and_their_removal_spread_through_the_mesh() {
+    use mesh::sim::{Sim, SimOptions};
+    let options = SimOptions {
+        peers: 6,
+        seed: 7,
+        loss: 0.05,
+        ..SimOptions::default()
+    };
+    let mut sim = Sim::new(options, base());
+    sim.run_for(Duration::from_secs(30)).unwrap();
+    let now = sim.now();
+    let r0 = sim.router_mut(0).unwrap();
+    assert!(r0.dns_add("web.meshctl.local", ip("10.32.0.5")));
+    assert!(
+        !r0.dns_add("WEB.meshctl.local.", ip("10.32.0.5")),
+        "added twice"
+    );
+    sim.run_for(Duration::from_secs(60)).unwrap();
+    for (i, r) in sim.routers() {
+        assert_eq!(
+            r.dns().lookup("web.meshctl.local"),
+            vec![ip("10.32.0.5")],
+            "peer {i} lacks the name"
+        );
+    }
+    assert_eq!(
+        sim.router_mut(0)
+            .unwrap()
+            .dns_remove(now, "web.meshctl.local", None),
+        1
+    );
+    sim.run_for(Duration::from_secs(60)).unwrap();
+    for (i, r) in sim.routers() {
+        assert!(
+            r.dns().lookup("web.meshctl.local").is_empty(),
+            "peer {i} still has the removed name"
+        );
+    }
+}

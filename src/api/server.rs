@@ -16,8 +16,9 @@ use axum::{Json, Router};
 use tokio::sync::{mpsc, oneshot};
 
 use super::types::{
-    AttachRequest, AttachResponse, DetachRequest, ErrorBody, ExposeRequest, ExposeResponse,
-    IpamStatus, PeersRequest, RmPeerRequest, Status,
+    AttachRequest, AttachResponse, DetachRequest, DnsAddRequest, DnsLookupRequest, DnsNameResponse,
+    DnsRemoveRequest, ErrorBody, ExposeRequest, ExposeResponse, IpamStatus, PeersRequest,
+    RmPeerRequest, Status,
 };
 use crate::kernel::attach::{self, AttachSpec};
 use crate::kernel::firewall::masquerade;
@@ -42,6 +43,18 @@ pub(crate) enum Call {
     /// Hand our address space to a live peer, then stop and remove the IPAM state.
     Reset(oneshot::Sender<String>),
     RmPeer(String, oneshot::Sender<Result<String, String>>),
+    /// Register names (already qualified) of a container on this host; answers how many were new.
+    DnsAdd {
+        name: String,
+        addrs: Vec<std::net::IpAddr>,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Remove this host's records of a name (one address or all); answers how many.
+    DnsRemove {
+        name: String,
+        addr: Option<std::net::IpAddr>,
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 /// How long attach waits for an address by default.
@@ -54,7 +67,12 @@ pub(crate) struct ApiState {
     pub(crate) netlink: Arc<Netlink>,
     pub(crate) bridge: String,
     pub(crate) mtu: u32,
+    /// The name service: lookups read its zone; expose and hide start and stop its listeners.
+    pub(crate) dns: Arc<crate::dns::Service>,
 }
+
+/// The IPAM key of the host's own address on the mesh (`meshctl expose` without CIDR).
+pub(crate) const EXPOSE_KEY: &str = "host:expose";
 
 /// Serves the API until the listener fails or the task is dropped.
 pub(crate) async fn serve(
@@ -73,6 +91,9 @@ pub(crate) async fn serve(
         .route("/ipam", get(ipam))
         .route("/reset", post(reset))
         .route("/rmpeer", post(rmpeer))
+        .route("/dns/add", post(dns_add))
+        .route("/dns/remove", post(dns_remove))
+        .route("/dns/lookup", post(dns_lookup))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -168,7 +189,14 @@ async fn attach_container(
     if req.ips.is_empty() {
         subnets.push(None);
     }
-    let key = container_key(req.container.as_deref(), &netns)?;
+    let key = match &req.key {
+        Some(k) => k.clone(),
+        None => container_key(req.container.as_deref(), &netns)?,
+    };
+    let name = match &req.name {
+        Some(n) => Some(state.dns.qualify(n).map_err(bad_request)?),
+        None => None,
+    };
     let wait = std::time::Duration::from_secs(req.wait_secs.unwrap_or(ALLOC_WAIT_DEFAULT));
     let allocated = !subnets.is_empty();
     for subnet in subnets {
@@ -208,6 +236,10 @@ async fn attach_container(
             return Err(internal(e));
         }
     };
+    if let Some(name) = name {
+        let addrs: Vec<std::net::IpAddr> = spec.addrs.iter().map(|(a, _)| *a).collect();
+        ask(&state, |reply| Call::DnsAdd { name, addrs, reply }).await?;
+    }
     Ok(Json(AttachResponse {
         host_ifname: attached.host_ifname,
         ifname: attached.ifname,
@@ -222,10 +254,21 @@ async fn detach_container(
 ) -> Result<Json<()>, ApiError> {
     let netns = PathBuf::from(&req.netns);
     // Release even when the netns is gone already (the container exited).
-    let key = container_key(req.container.as_deref(), &netns).ok();
+    let key = match &req.key {
+        Some(k) => Some(k.clone()),
+        None => container_key(req.container.as_deref(), &netns).ok(),
+    };
     let detached = attach::detach(&state.netlink, &netns, &req.ifname).await;
     if let Some(key) = key {
         ask(&state, |tx| Call::Release(key, tx)).await?;
+    }
+    if let Some(name) = req.name.as_deref().and_then(|n| state.dns.qualify(n).ok()) {
+        ask(&state, |reply| Call::DnsRemove {
+            name,
+            addr: None,
+            reply,
+        })
+        .await?;
     }
     detached.map_err(internal)?;
     Ok(Json(()))
@@ -236,16 +279,31 @@ async fn expose(
     State(state): State<ApiState>,
     Json(req): Json<ExposeRequest>,
 ) -> Result<Json<ExposeResponse>, ApiError> {
-    let cidr = req
-        .cidr
-        .ok_or_else(|| bad_request("expose needs an address with prefix, e.g. 10.32.0.254/12"))?;
-    let (addr, prefix) = parse_cidr(&cidr).map_err(bad_request)?;
+    let (addr, prefix) = match &req.cidr {
+        Some(cidr) => parse_cidr(cidr).map_err(bad_request)?,
+        // An address of the host's own in the default subnet, the same on every expose.
+        None => {
+            let wait = std::time::Duration::from_secs(ALLOC_WAIT_DEFAULT);
+            let (addr, prefix) = ask(&state, |reply| Call::Allocate {
+                key: EXPOSE_KEY.to_string(),
+                subnet: None,
+                wait,
+                reply,
+            })
+            .await?
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?;
+            (std::net::IpAddr::V4(addr), prefix)
+        }
+    };
     state
         .netlink
         .add_address(&state.bridge, addr, prefix)
         .await
         .map_err(internal)?;
     set_masquerade(&state, addr, prefix, true).await?;
+    if let Err(e) = state.dns.listen(addr).await {
+        tracing::warn!("no name server on {addr}: {e:#}");
+    }
     bridge_addresses(&state).await
 }
 
@@ -275,13 +333,23 @@ async fn hide(
             .filter(|(a, _)| !is_link_local(a))
             .collect(),
     };
+    let own = ask(&state, Call::Ipam)
+        .await?
+        .allocations
+        .into_iter()
+        .find(|a| a.container == EXPOSE_KEY && !a.releasing)
+        .and_then(|a| a.address.parse::<std::net::IpAddr>().ok());
     for (addr, prefix) in chosen {
+        state.dns.unlisten(addr);
         state
             .netlink
             .del_address(&state.bridge, addr, prefix)
             .await
             .map_err(internal)?;
         set_masquerade(&state, addr, prefix, false).await?;
+        if own == Some(addr) {
+            ask(&state, |tx| Call::Release(EXPOSE_KEY.to_string(), tx)).await?;
+        }
     }
     bridge_addresses(&state).await
 }
@@ -374,6 +442,83 @@ async fn rmpeer(
         .await?
         .map(Json)
         .map_err(|e| ApiError(StatusCode::CONFLICT, e))
+}
+
+async fn dns_add(
+    State(state): State<ApiState>,
+    Json(req): Json<DnsAddRequest>,
+) -> Result<Json<DnsNameResponse>, ApiError> {
+    let name = state.dns.qualify(&req.name).map_err(bad_request)?;
+    if req.ips.is_empty() {
+        return Err(bad_request("give at least one address for the name"));
+    }
+    let mut addrs = Vec::new();
+    for ip in &req.ips {
+        addrs.push(
+            ip.parse::<std::net::IpAddr>()
+                .map_err(|_| bad_request(format!("{ip:?} is not an IP address")))?,
+        );
+    }
+    let changed = ask(&state, |reply| Call::DnsAdd {
+        name: name.clone(),
+        addrs,
+        reply,
+    })
+    .await?;
+    Ok(Json(name_response(&state, &name, changed)))
+}
+
+async fn dns_remove(
+    State(state): State<ApiState>,
+    Json(req): Json<DnsRemoveRequest>,
+) -> Result<Json<DnsNameResponse>, ApiError> {
+    let name = state.dns.qualify(&req.name).map_err(bad_request)?;
+    let addr = match &req.ip {
+        Some(ip) => Some(
+            ip.parse::<std::net::IpAddr>()
+                .map_err(|_| bad_request(format!("{ip:?} is not an IP address")))?,
+        ),
+        None => None,
+    };
+    let changed = ask(&state, |reply| Call::DnsRemove {
+        name: name.clone(),
+        addr,
+        reply,
+    })
+    .await?;
+    if changed == 0 {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "this host has no record {name}{}; a name can only be removed on the host that added it",
+                addr.map(|a| format!(" -> {a}")).unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(Json(name_response(&state, &name, changed)))
+}
+
+async fn dns_lookup(
+    State(state): State<ApiState>,
+    Json(req): Json<DnsLookupRequest>,
+) -> Result<Json<DnsNameResponse>, ApiError> {
+    let name = state.dns.qualify(&req.name).map_err(bad_request)?;
+    Ok(Json(name_response(&state, &name, 0)))
+}
+
+/// The name's addresses in the zone as the name server sees it. The zone is published by the
+/// control loop after it handled the call, so an add or remove is visible here already.
+fn name_response(state: &ApiState, name: &str, changed: usize) -> DnsNameResponse {
+    let addresses = state
+        .dns
+        .lookup(name)
+        .map(|(_, a)| a.iter().map(|a| a.to_string()).collect())
+        .unwrap_or_default();
+    DnsNameResponse {
+        name: name.to_string(),
+        addresses,
+        changed,
+    }
 }
 
 /// Parses `ADDR/PREFIX`, naming what is wrong.

@@ -70,6 +70,38 @@ pub(crate) struct DnsRecord {
     pub(crate) nickname: Option<String>,
 }
 
+/// `POST /dns/add`: register names of containers on this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsAddRequest {
+    /// `web` or `web.meshctl.local`.
+    pub(crate) name: String,
+    pub(crate) ips: Vec<String>,
+}
+
+/// `POST /dns/remove`: remove this host's records of a name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsRemoveRequest {
+    pub(crate) name: String,
+    /// Only this address; all of this host's addresses for the name without it.
+    pub(crate) ip: Option<String>,
+}
+
+/// `POST /dns/lookup`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsLookupRequest {
+    pub(crate) name: String,
+}
+
+/// Answer to the `/dns/*` calls: the name (qualified) and its addresses afterwards.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DnsNameResponse {
+    pub(crate) name: String,
+    pub(crate) addresses: Vec<String>,
+    /// How many records the call added or removed (0 for lookup).
+    #[serde(default)]
+    pub(crate) changed: usize,
+}
+
 /// `GET /ipam`: who owns which addresses, and what allocation waits for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct IpamStatus {
@@ -273,6 +305,12 @@ pub(crate) struct AttachRequest {
     /// How long to wait for an address, in seconds.
     #[serde(default)]
     pub(crate) wait_secs: Option<u64>,
+    /// The container's DNS name (`web`, qualified with the domain); registered on attach.
+    #[serde(default)]
+    pub(crate) name: Option<String>,
+    /// The IPAM key, when the caller has its own (the CNI plugin: `cni:ID:IFNAME`).
+    #[serde(default)]
+    pub(crate) key: Option<String>,
 }
 
 /// Answer to `POST /attach`.
@@ -291,6 +329,12 @@ pub(crate) struct DetachRequest {
     pub(crate) ifname: String,
     #[serde(default)]
     pub(crate) container: Option<String>,
+    /// The container's DNS name, removed on detach.
+    #[serde(default)]
+    pub(crate) name: Option<String>,
+    /// The IPAM key given to attach, if any.
+    #[serde(default)]
+    pub(crate) key: Option<String>,
 }
 
 /// Body of every error answer.

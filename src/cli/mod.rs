@@ -4,6 +4,7 @@
 //! through `--socket`, or `--state-dir` (the socket lives inside it), or the default place.
 
 mod attach;
+mod dns;
 mod launch;
 mod peers;
 mod report;
@@ -94,6 +95,9 @@ pub(crate) enum Command {
         /// How long to wait for an address (seconds) before saying what allocation waits for.
         #[arg(long, default_value_t = crate::api::server::ALLOC_WAIT_DEFAULT, value_name = "SECS")]
         wait: u64,
+        /// DNS name to register (NAME.DOMAIN) [default: the netns or Docker container name].
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Show address allocation: owned, used and free space per peer, unreachable owners,
     /// and what allocation waits for.
@@ -114,9 +118,10 @@ pub(crate) enum Command {
     /// Give this host an address on the mesh, so it can reach containers (and they it); traffic from
     /// the mesh subnet that leaves through the host is masqueraded.
     Expose {
-        /// The host's address with prefix, e.g. 10.32.0.254/12.
+        /// The host's address with prefix, e.g. 10.32.0.254/12 [default: one from the mesh's
+        /// IPAM, the same on every expose; the name server answers there too].
         #[arg(value_name = "CIDR")]
-        cidr: String,
+        cidr: Option<String>,
     },
     /// Remove the host's address(es) on the mesh added by `expose` (all of them without CIDR).
     Hide {
@@ -138,7 +143,26 @@ pub(crate) enum Command {
         /// Interface name inside the container.
         #[arg(long, default_value = "eth0")]
         ifname: String,
+        /// DNS name to remove, if attach was given --name.
+        #[arg(long)]
+        name: Option<String>,
     },
+    /// Register a name for addresses on this host's containers (NAME.DOMAIN in the mesh's DNS).
+    DnsAdd {
+        /// `web` or `web.meshctl.local`.
+        name: String,
+        /// One or more addresses.
+        #[arg(required = true, value_name = "IP")]
+        ips: Vec<String>,
+    },
+    /// Remove a name this host registered (only the given address, or all of them).
+    DnsRemove {
+        name: String,
+        #[arg(value_name = "IP")]
+        ip: Option<String>,
+    },
+    /// Show the addresses of a name in the mesh's DNS.
+    DnsLookup { name: String },
 }
 
 /// Flags of `meshctl launch`.
@@ -211,6 +235,13 @@ pub(crate) struct LaunchArgs {
     /// [default: consensus=(number of PEERs given + 1)].
     #[arg(long, value_name = "MODE")]
     pub(crate) ipalloc_init: Option<String>,
+    /// Domain of container names: attached containers are NAME.DOMAIN, answered by the
+    /// router's name server on the bridge's addresses (see `meshctl expose`).
+    #[arg(long, default_value = crate::dns::DOMAIN_DEFAULT, value_name = "DOMAIN")]
+    pub(crate) dns_domain: String,
+    /// Run no name server (names are still gossiped and `meshctl dns-lookup` works).
+    #[arg(long)]
+    pub(crate) no_dns: bool,
 }
 
 fn parse_cipher(s: &str) -> Result<crate::dataplane::sleeve::crypto::Cipher, String> {
@@ -298,9 +329,17 @@ async fn dispatch(command: Command, paths: &Paths) -> Result<ExitCode> {
             ips,
             ifname,
             wait,
-        } => attach::attach(paths, &target, ips, ifname, wait).await,
-        Command::Detach { target, ifname } => attach::detach(paths, &target, ifname).await,
-        Command::Expose { cidr } => attach::expose(paths, Some(cidr), true).await,
+            name,
+        } => attach::attach(paths, &target, ips, ifname, wait, name).await,
+        Command::Detach {
+            target,
+            ifname,
+            name,
+        } => attach::detach(paths, &target, ifname, name).await,
+        Command::DnsAdd { name, ips } => dns::add(paths, name, ips).await,
+        Command::DnsRemove { name, ip } => dns::remove(paths, name, ip).await,
+        Command::DnsLookup { name } => dns::lookup(paths, name).await,
+        Command::Expose { cidr } => attach::expose(paths, cidr, true).await,
         Command::Hide { cidr } => attach::expose(paths, cidr, false).await,
     }
 }

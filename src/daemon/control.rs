@@ -36,6 +36,8 @@ use crate::dataplane::vxlan::{self, Probe, ProbeEvent, ProbeSend};
 use crate::transport::handshake::{self, HandshakeError, Hello, HelloExt, VxlanHello};
 use crate::transport::quic::SERVER_NAME;
 
+mod names;
+
 /// How long a dial or an accepted connection may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many refused inbound attempts status remembers, and for how long.
@@ -98,6 +100,8 @@ pub(super) struct Settings {
     pub(super) ipam: mesh::ipam::IpamConfig,
     pub(super) ipam_store: Option<super::ipam_store::Store>,
     pub(super) ipam_restored: Option<mesh::ipam::Persisted>,
+    /// The name service: the loop publishes the router's names to it.
+    pub(super) dns: Arc<crate::dns::Service>,
 }
 
 /// The fast path's device and the channels to its prober task.
@@ -230,6 +234,8 @@ pub(super) struct Control {
     /// The overlay chosen for every known peer at the last evaluation.
     choices: BTreeMap<PeerName, Choice>,
     probe_events: Option<mpsc::UnboundedReceiver<ProbeEvent>>,
+    /// `Records::generation` last published to the name service.
+    dns_published: Option<u64>,
 }
 
 impl Control {
@@ -295,6 +301,7 @@ impl Control {
             probes: HashMap::new(),
             choices: BTreeMap::new(),
             probe_events,
+            dns_published: None,
         })
     }
 
@@ -546,6 +553,12 @@ impl Control {
                 let answer = self.rmpeer(now, &name);
                 let _ = reply.send(answer);
             }
+            Call::DnsAdd { name, addrs, reply } => {
+                let _ = reply.send(self.dns_add(&name, &addrs));
+            }
+            Call::DnsRemove { name, addr, reply } => {
+                let _ = reply.send(self.dns_remove(now, &name, addr));
+            }
         }
     }
 
@@ -727,6 +740,7 @@ impl Control {
                 break;
             }
         }
+        self.publish_names();
         if self.table_dirty {
             // Routes or connections changed: who may be on VXLAN may have changed too.
             self.evaluate_overlays(Instant::now());
@@ -1160,7 +1174,7 @@ impl Control {
             peers,
             connections,
             ipam: Some(self.ipam_status()),
-            dns: None,
+            dns: Some(self.dns_status()),
             sleeve: SleeveStatus {
                 cipher: match (sealed, self.local.ext.cipher.and_then(Cipher::from_code)) {
                     (false, _) => "none".to_string(),

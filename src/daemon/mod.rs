@@ -62,6 +62,9 @@ pub(crate) fn check_launch_preconditions(args: &LaunchArgs) -> Result<()> {
         }
     }
     ipam_config(args)?;
+    if let Err(e) = crate::dns::Service::new(&args.dns_domain, false, None).qualify("x") {
+        bail!("bad --dns-domain {:?}: {e}", args.dns_domain);
+    }
     Ok(())
 }
 
@@ -180,6 +183,26 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         }
     };
 
+    let bridge_addrs: Vec<std::net::IpAddr> = netlink
+        .addresses(&args.bridge)
+        .await
+        .with_context(|| format!("read addresses of bridge {}", args.bridge))?
+        .into_iter()
+        .map(|(a, _)| a)
+        .filter(|a| !is_link_local(a))
+        .collect();
+    let dns = Arc::new(crate::dns::Service::new(
+        &args.dns_domain,
+        !args.no_dns,
+        crate::dns::host_upstream(&bridge_addrs),
+    ));
+    // An address exposed by an earlier run is still on the bridge: answer there again.
+    for addr in &bridge_addrs {
+        if let Err(e) = dns.listen(*addr).await {
+            tracing::warn!("no name server on {addr}: {e:#}");
+        }
+    }
+
     let socket_path = paths.socket.clone();
     let listener = bind_api_socket(&socket_path)?;
     let (calls_tx, calls_rx) = mpsc::channel(64);
@@ -204,6 +227,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
             netlink: netlink.clone(),
             bridge: args.bridge.clone(),
             mtu: args.mtu,
+            dns: dns.clone(),
         },
     ));
     let pid_path = paths.state_dir.join("meshctl.pid");
@@ -239,6 +263,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         ipam,
         ipam_store: Some(ipam_store),
         ipam_restored,
+        dns,
     })?;
     // Last fallible step done: from here on, cleanup below removes what we add.
     let bridge_for_rules = args.bridge.clone();
@@ -352,6 +377,13 @@ pub(crate) async fn resolve_peers(specs: &[String]) -> Result<Vec<SocketAddr>> {
         }
     }
     Ok(out)
+}
+
+fn is_link_local(addr: &std::net::IpAddr) -> bool {
+    match addr {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
 }
 
 fn hostname() -> String {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-use super::wire::{self, Rcode};
+use super::wire::{self, Query, Rcode};
 
 /// TTL of our answers: short, containers come and go.
 const TTL_SECONDS: u32 = 30;
@@ -42,6 +42,8 @@ impl Zone {
 /// What the server counts, for status and metrics.
 #[derive(Debug, Default)]
 pub(crate) struct DnsCounters {
+    /// Every message received, well-formed or not.
+    pub(crate) queries: AtomicU64,
     pub(crate) answered: AtomicU64,
     pub(crate) nxdomain: AtomicU64,
     pub(crate) forwarded: AtomicU64,
@@ -58,64 +60,139 @@ pub(crate) fn upstream_from_resolv_conf(text: &str, ours: &[IpAddr]) -> Option<S
         .map(|ip| SocketAddr::new(ip, 53))
 }
 
-/// Serves until the socket fails.
-pub(crate) async fn serve(
-    socket: UdpSocket,
-    zone: watch::Receiver<Arc<Zone>>,
-    upstream: Option<SocketAddr>,
-    counters: Arc<DnsCounters>,
-) -> std::io::Result<()> {
+/// What the UDP and TCP servers share: the zone snapshot, the upstream and the counters.
+#[derive(Clone)]
+pub(crate) struct Resolver {
+    pub(crate) zone: watch::Receiver<Arc<Zone>>,
+    pub(crate) upstream: Option<SocketAddr>,
+    pub(crate) counters: Arc<DnsCounters>,
+}
+
+impl Resolver {
+    /// The answer to `raw` if we can give it without asking upstream (names in our zone,
+    /// malformed queries, no upstream); otherwise the parsed query, to forward.
+    fn answer_locally(&self, raw: &[u8], client: SocketAddr) -> Result<Option<Vec<u8>>, Query> {
+        self.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let query = match wire::parse_query(raw) {
+            Ok(q) => q,
+            Err(e) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%client, "dns: {e}");
+                return Ok(wire::format_error(raw));
+            }
+        };
+        let snapshot = self.zone.borrow().clone();
+        if snapshot.contains(&query.name) {
+            let reply = match snapshot.names.get(&query.name) {
+                Some(addrs) => {
+                    self.counters.answered.fetch_add(1, Ordering::Relaxed);
+                    wire::answer(raw, &query, Rcode::NoError, addrs, TTL_SECONDS)
+                }
+                None => {
+                    self.counters.nxdomain.fetch_add(1, Ordering::Relaxed);
+                    wire::answer(raw, &query, Rcode::NxDomain, &[], TTL_SECONDS)
+                }
+            };
+            return Ok(Some(reply));
+        }
+        if self.upstream.is_none() {
+            self.counters
+                .upstream_failed
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(wire::answer(raw, &query, Rcode::ServFail, &[], 0)));
+        }
+        Err(query)
+    }
+
+    /// Forwards `raw` upstream; SERVFAIL if the upstream fails or is silent.
+    async fn forward(&self, raw: &[u8], query: &Query) -> Vec<u8> {
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        let reply = match self.upstream {
+            Some(upstream) => forward(raw, upstream).await,
+            None => None,
+        };
+        reply.unwrap_or_else(|| {
+            self.counters
+                .upstream_failed
+                .fetch_add(1, Ordering::Relaxed);
+            wire::answer(raw, query, Rcode::ServFail, &[], 0)
+        })
+    }
+
+    /// The answer to one query, forwarding it if needed; None when there is nothing to say.
+    async fn respond(&self, raw: &[u8], client: SocketAddr) -> Option<Vec<u8>> {
+        match self.answer_locally(raw, client) {
+            Ok(reply) => reply,
+            Err(query) => Some(self.forward(raw, &query).await),
+        }
+    }
+}
+
+/// Serves UDP until the socket fails. Forwarded queries each get their own task.
+pub(crate) async fn serve(socket: UdpSocket, resolver: Resolver) -> std::io::Result<()> {
     let socket = Arc::new(socket);
     let mut buf = vec![0u8; 4096];
     loop {
         let (len, client) = socket.recv_from(&mut buf).await?;
         let raw = &buf[..len];
-        let query = match wire::parse_query(raw) {
-            Ok(q) => q,
-            Err(e) => {
-                counters.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%client, "dns: {e}");
-                if let Some(reply) = wire::format_error(raw) {
-                    let _ = socket.send_to(&reply, client).await;
-                }
-                continue;
+        match resolver.answer_locally(raw, client) {
+            Ok(Some(reply)) => {
+                let _ = socket.send_to(&reply, client).await;
             }
-        };
-        let snapshot = zone.borrow().clone();
-        if snapshot.contains(&query.name) {
-            let reply = match snapshot.names.get(&query.name) {
-                Some(addrs) => {
-                    counters.answered.fetch_add(1, Ordering::Relaxed);
-                    wire::answer(raw, &query, Rcode::NoError, addrs, TTL_SECONDS)
-                }
-                None => {
-                    counters.nxdomain.fetch_add(1, Ordering::Relaxed);
-                    wire::answer(raw, &query, Rcode::NxDomain, &[], TTL_SECONDS)
-                }
-            };
-            let _ = socket.send_to(&reply, client).await;
-            continue;
+            Ok(None) => {}
+            Err(query) => {
+                let (socket, resolver, raw) = (socket.clone(), resolver.clone(), raw.to_vec());
+                tokio::spawn(async move {
+                    let reply = resolver.forward(&raw, &query).await;
+                    let _ = socket.send_to(&reply, client).await;
+                });
+            }
         }
-        let Some(upstream) = upstream else {
-            counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
-            let reply = wire::answer(raw, &query, Rcode::ServFail, &[], 0);
-            let _ = socket.send_to(&reply, client).await;
-            continue;
-        };
-        counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        let (socket, counters, raw) = (socket.clone(), counters.clone(), raw.to_vec());
+    }
+}
+
+/// How long a TCP client may stay silent between queries.
+const TCP_IDLE_MAX: Duration = Duration::from_secs(10);
+
+/// Serves DNS over TCP (RFC 7766: two-byte length prefix, several queries per connection)
+/// until the listener fails; one task per connection.
+pub(crate) async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    resolver: Resolver,
+) -> std::io::Result<()> {
+    loop {
+        let (stream, client) = listener.accept().await?;
+        let resolver = resolver.clone();
         tokio::spawn(async move {
-            match forward(&raw, upstream).await {
-                Some(reply) => {
-                    let _ = socket.send_to(&reply, client).await;
-                }
-                None => {
-                    counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
-                    let reply = wire::answer(&raw, &query, Rcode::ServFail, &[], 0);
-                    let _ = socket.send_to(&reply, client).await;
-                }
-            }
+            let _ = serve_tcp_connection(stream, client, resolver).await;
         });
+    }
+}
+
+async fn serve_tcp_connection(
+    mut stream: tokio::net::TcpStream,
+    client: SocketAddr,
+    resolver: Resolver,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE_MAX, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        let mut raw = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        tokio::time::timeout(TCP_IDLE_MAX, stream.read_exact(&mut raw))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let Some(reply) = resolver.respond(&raw, client).await else {
+            return Ok(());
+        };
+        let Ok(n) = u16::try_from(reply.len()) else {
+            return Ok(());
+        };
+        stream.write_all(&n.to_be_bytes()).await?;
+        stream.write_all(&reply).await?;
     }
 }
 
@@ -193,7 +270,15 @@ mod tests {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let server = socket.local_addr().unwrap();
         let counters = Arc::new(DnsCounters::default());
-        tokio::spawn(serve(socket, rx, Some(upstream_addr), counters.clone()));
+        let resolver = Resolver {
+            zone: rx,
+            upstream: Some(upstream_addr),
+            counters: counters.clone(),
+        };
+        tokio::spawn(serve(socket, resolver.clone()));
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_server = tcp.local_addr().unwrap();
+        tokio::spawn(serve_tcp(tcp, resolver));
 
         assert_eq!(
             ask(server, "WEB.meshctl.local.").await,
@@ -206,6 +291,25 @@ mod tests {
         );
         assert_eq!(counters.forwarded.load(Ordering::Relaxed), 1);
         assert_eq!(counters.nxdomain.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.queries.load(Ordering::Relaxed), 3);
+
+        // The same over TCP, two queries on one connection.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(tcp_server).await.unwrap();
+        for name in ["web.meshctl.local", "example.org"] {
+            let q = query(9, name, TYPE_A);
+            stream
+                .write_all(&(q.len() as u16).to_be_bytes())
+                .await
+                .unwrap();
+            stream.write_all(&q).await.unwrap();
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).await.unwrap();
+            let mut reply = vec![0u8; u16::from_be_bytes(len) as usize];
+            stream.read_exact(&mut reply).await.unwrap();
+            let (rcode, addrs) = answer_addrs(&reply).unwrap();
+            assert_eq!((rcode, addrs.len()), (0, 1), "{name} over TCP");
+        }
     }
 
     #[test]

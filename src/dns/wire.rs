@@ -161,7 +161,8 @@ pub(crate) fn format_error(raw: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Builds a query (for tests and for health checks).
+/// Builds a query (for tests).
+#[cfg(test)]
 pub(crate) fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&id.to_be_bytes());
@@ -177,7 +178,8 @@ pub(crate) fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     out
 }
 
-/// The addresses in an answer (for tests and health checks); None if it isn't a well-formed answer.
+/// The addresses in an answer (for tests); None if it isn't a well-formed answer.
+#[cfg(test)]
 pub(crate) fn answer_addrs(buf: &[u8]) -> Option<(u8, Vec<IpAddr>)> {
     let rcode = *buf.get(3)? & 0xf;
     let ancount = u16::from_be_bytes([*buf.get(6)?, *buf.get(7)?]);
