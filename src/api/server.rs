@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::types::{
     AttachRequest, AttachResponse, DetachRequest, ErrorBody, ExposeRequest, ExposeResponse,
-    IpamStatus, PeersRequest, RmPeerRequest, Status,
+    IpamStatus, PeersRequest, PsEntry, RmPeerRequest, Status,
 };
 use crate::kernel::attach::{self, AttachSpec};
 use crate::kernel::firewall::masquerade;
@@ -54,6 +54,8 @@ pub(crate) struct ApiState {
     pub(crate) netlink: Arc<Netlink>,
     pub(crate) bridge: String,
     pub(crate) mtu: u32,
+    /// Containers on the bridge (`meshctl ps`, release on exit).
+    pub(crate) containers: Arc<crate::plugin::containers::Registry>,
 }
 
 /// Serves the API until the listener fails or the task is dropped.
@@ -73,6 +75,7 @@ pub(crate) async fn serve(
         .route("/ipam", get(ipam))
         .route("/reset", post(reset))
         .route("/rmpeer", post(rmpeer))
+        .route("/ps", get(ps))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -208,6 +211,19 @@ async fn attach_container(
             return Err(internal(e));
         }
     };
+    let label = req.label.clone().unwrap_or_else(|| req.netns.clone());
+    state.containers.insert(
+        &attached.host_ifname,
+        crate::plugin::containers::Entry {
+            via: crate::plugin::containers::Via::Attach,
+            container: label,
+            key: allocated.then(|| key.clone()),
+            network: None,
+            ifname: attached.ifname.clone(),
+            mac: format_mac(&attached.mac),
+            ips: shown.clone(),
+        },
+    );
     Ok(Json(AttachResponse {
         host_ifname: attached.host_ifname,
         ifname: attached.ifname,
@@ -224,6 +240,9 @@ async fn detach_container(
     // Release even when the netns is gone already (the container exited).
     let key = container_key(req.container.as_deref(), &netns).ok();
     let detached = attach::detach(&state.netlink, &netns, &req.ifname).await;
+    state
+        .containers
+        .remove(&attach::host_ifname(&netns, &req.ifname));
     if let Some(key) = key {
         ask(&state, |tx| Call::Release(key, tx)).await?;
     }
@@ -356,6 +375,29 @@ fn container_key(container: Option<&str>, netns: &std::path::Path) -> Result<Str
         ))
     })?;
     Ok(format!("netns:{}:{}", meta.dev(), meta.ino()))
+}
+
+/// Containers on the bridge, attached ones first.
+async fn ps(State(state): State<ApiState>) -> Json<Vec<PsEntry>> {
+    let mut list: Vec<PsEntry> = state
+        .containers
+        .list()
+        .into_iter()
+        .map(|(host_ifname, e)| PsEntry {
+            via: match e.via {
+                crate::plugin::containers::Via::Attach => "attach".to_string(),
+                crate::plugin::containers::Via::Plugin => "plugin".to_string(),
+            },
+            container: e.container,
+            network: e.network,
+            ifname: e.ifname,
+            mac: e.mac,
+            ips: e.ips,
+            host_ifname,
+        })
+        .collect();
+    list.sort_by(|a, b| (&a.via, &a.container).cmp(&(&b.via, &b.container)));
+    Json(list)
 }
 
 async fn ipam(State(state): State<ApiState>) -> Result<Json<IpamStatus>, ApiError> {

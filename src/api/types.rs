@@ -158,6 +158,9 @@ pub(crate) struct AttachRequest {
     /// How long to wait for an address, in seconds.
     #[serde(default)]
     pub(crate) wait_secs: Option<u64>,
+    /// How `meshctl ps` names the container (as the user gave it).
+    #[serde(default)]
+    pub(crate) label: Option<String>,
 }
 
 /// Answer to `POST /attach`.
@@ -195,4 +198,23 @@ pub(crate) struct ExposeRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ExposeResponse {
     pub(crate) addresses: Vec<String>,
+}
+
+/// `GET /ps`: one container on the mesh bridge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PsEntry {
+    /// `attach` (`meshctl attach`) or `plugin` (the Docker network plugin).
+    pub(crate) via: String,
+    /// Netns name, PID, Docker container name, or the Docker endpoint for plugin containers.
+    pub(crate) container: String,
+    /// Docker network id (plugin containers).
+    #[serde(default)]
+    pub(crate) network: Option<String>,
+    /// Interface inside the container, when known.
+    pub(crate) ifname: String,
+    pub(crate) mac: String,
+    /// Addresses with prefix.
+    pub(crate) ips: Vec<String>,
+    /// The veth end on the bridge.
+    pub(crate) host_ifname: String,
 }

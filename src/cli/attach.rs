@@ -32,6 +32,14 @@ pub(super) async fn attach(
         ips,
         container,
         wait_secs: Some(wait),
+        // `meshctl ps` shows the name alone: "container NAME (ID)" -> NAME.
+        label: Some(
+            label
+                .strip_prefix("container ")
+                .and_then(|l| l.split(" (").next())
+                .unwrap_or(&label)
+                .to_string(),
+        ),
     };
     let r: AttachResponse = call(&paths.socket, Method::POST, "/attach", Some(&req)).await?;
     println!(

@@ -6,6 +6,7 @@
 mod attach;
 mod launch;
 mod peers;
+mod ps;
 mod status;
 
 use std::net::SocketAddr;
@@ -87,6 +88,13 @@ pub(crate) enum Command {
         /// How long to wait for an address (seconds) before saying what allocation waits for.
         #[arg(long, default_value_t = crate::api::server::ALLOC_WAIT_DEFAULT, value_name = "SECS")]
         wait: u64,
+    },
+    /// List the containers on this router's mesh bridge (attached or started through the Docker
+    /// plugin) with their MAC and addresses.
+    Ps {
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Show address allocation: owned, used and free space per peer, unreachable owners,
     /// and what allocation waits for.
@@ -197,6 +205,15 @@ pub(crate) struct LaunchArgs {
     /// [default: consensus=(number of PEERs given + 1)].
     #[arg(long, value_name = "MODE")]
     pub(crate) ipalloc_init: Option<String>,
+    /// Serve Docker's network and IPAM plugin on this socket; its file name is the driver name
+    /// (`docker network create -d meshnet --ipam-driver meshnet NAME`) [default:
+    /// /run/docker/plugins/meshnet.sock when /run/docker exists and the router runs in the host's
+    /// network namespace].
+    #[arg(long, value_name = "PATH", conflicts_with = "no_docker_plugin")]
+    pub(crate) docker_plugin: Option<PathBuf>,
+    /// Don't serve the Docker plugin.
+    #[arg(long)]
+    pub(crate) no_docker_plugin: bool,
 }
 
 fn parse_cipher(s: &str) -> Result<crate::dataplane::sleeve::crypto::Cipher, String> {
@@ -276,6 +293,7 @@ async fn dispatch(command: Command, paths: &Paths) -> Result<ExitCode> {
         Command::Stop => peers::stop(paths).await,
         Command::Status { json } => status::run(paths, json).await,
         Command::Ipam { json } => status::ipam(paths, json).await,
+        Command::Ps { json } => ps::run(paths, json).await,
         Command::Reset => peers::reset(paths).await,
         Command::Rmpeer { peer } => peers::rmpeer(paths, peer).await,
         Command::Attach {
