@@ -284,7 +284,8 @@ impl Plugin {
             .pool_id
             .parse()
             .map_err(|e| bad(format!("unknown pool {:?}: {e}", r.pool_id)))?;
-        let what = if r.options.get(REQUEST_ADDRESS_TYPE).map(String::as_str) == Some(GATEWAY) {
+        let kind = r.options.as_ref().and_then(|o| o.get(REQUEST_ADDRESS_TYPE));
+        let what = if kind.map(String::as_str) == Some(GATEWAY) {
             "gateway"
         } else {
             "address"

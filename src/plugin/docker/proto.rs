@@ -170,7 +170,8 @@ pub(crate) struct RequestPool {
     pub(crate) pool: String,
     /// `--ip-range`.
     pub(crate) sub_pool: String,
-    pub(crate) options: BTreeMap<String, String>,
+    /// The engine sends `null` when there are none.
+    pub(crate) options: Option<BTreeMap<String, String>>,
     #[serde(rename = "V6")]
     pub(crate) v6: bool,
 }
@@ -202,8 +203,9 @@ pub(crate) struct AddressRequest {
     pub(crate) pool_id: String,
     /// A chosen address (`--ip`, `--gateway`), or empty.
     pub(crate) address: String,
-    /// `RequestAddressType: com.docker.network.gateway` marks the network's gateway.
-    pub(crate) options: BTreeMap<String, String>,
+    /// `RequestAddressType: com.docker.network.gateway` marks the network's gateway (`null` when
+    /// there are none).
+    pub(crate) options: Option<BTreeMap<String, String>>,
 }
 
 /// `RequestAddress` answer.
@@ -256,6 +258,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.ipv4_data.unwrap()[0].gateway, "10.2.1.1/24");
+        let r: AddressRequest =
+            parse(br#"{"PoolID":"10.32.0.0/12","Address":"","Options":null}"#).unwrap();
+        assert!(r.options.is_none());
         assert!(parse::<Join>(b"{\"NetworkID\": 3}")
             .unwrap_err()
             .contains("malformed"));
