@@ -144,6 +144,7 @@ fn docker_container_attached_by_name_reaches_a_namespace_host() {
         "--port",
         &port.to_string(),
         "--no-metrics",
+        "--no-docker-plugin",
     ]);
     assert!(ok, "root launch failed: {out}");
     b.launch(&["--password", "pw", &format!("{root_ip}:{port}")]);
