@@ -69,7 +69,14 @@ impl Drop for RootSide {
         let _ = run("docker", &["stop", "-t", "10", &self.container]);
         let _ = run("docker", &["rm", "-f", &self.container]);
         while self.rule("-C") && self.rule("-D") {}
-        let _ = run("ip", &["link", "del", &self.bridge]);
+        // The router removes its TAP and VXLAN ports on stop; after a hard kill they are left.
+        for link in [
+            format!("{}-vx", self.bridge),
+            format!("{}-tap", self.bridge),
+            self.bridge.clone(),
+        ] {
+            let _ = run("ip", &["link", "del", &link]);
+        }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

@@ -166,7 +166,14 @@ impl Drop for RootSide {
             let _ = docker(&["rm", "-f", c]);
         }
         let _ = docker(&["network", "rm", &self.network]);
+        let pid = std::fs::read_to_string(self.state_dir.join("meshctl.pid")).ok();
         let _ = self.meshctl(&["stop"]);
+        // Give it time to remove its ports and firewall rule before the hard kill below.
+        if let Some(pid) = pid.as_deref().map(str::trim) {
+            lab::wait_for(std::time::Duration::from_secs(10), || {
+                !Path::new(&format!("/proc/{pid}")).exists()
+            });
+        }
         if let Some(pid) = self.pid() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -176,9 +183,29 @@ impl Drop for RootSide {
         for l in &self.netns_links {
             let _ = std::fs::remove_file(l);
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        // The router removes its TAP and VXLAN ports on stop; after a hard kill they are left.
+        for link in [
+            format!("{}-vx", self.bridge),
+            format!("{}-tap", self.bridge),
+            self.bridge.clone(),
+        ] {
+            let _ = Command::new("ip").args(["link", "del", &link]).output();
+        }
+        let comment = format!("meshctl bridge {}", self.bridge);
+        let rule = [
+            "FORWARD",
+            "-i",
+            &self.bridge,
+            "-o",
+            &self.bridge,
+            "-m",
+            "comment",
+            "--comment",
+            &comment,
+            "-j",
+            "ACCEPT",
+        ];
+        while lab::run_cmd("iptables", &[&["-w", "5", "-D"][..], &rule[..]].concat()).0 {}
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
