@@ -222,6 +222,7 @@ async fn attach_container(
             ifname: attached.ifname.clone(),
             mac: format_mac(&attached.mac),
             ips: shown.clone(),
+            netns: namespace_id(&spec.netns),
         },
     );
     Ok(Json(AttachResponse {
@@ -359,6 +360,13 @@ pub(crate) fn network(addr: std::net::IpAddr, prefix: u8) -> String {
             )
         }
     }
+}
+
+/// The namespace file and its (device, inode), to notice when the container is gone.
+fn namespace_id(netns: &std::path::Path) -> Option<(String, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(netns).ok()?;
+    Some((netns.display().to_string(), meta.dev(), meta.ino()))
 }
 
 /// The IPAM key of a container: its Docker id, else its netns inode (the same for every path

@@ -49,6 +49,24 @@ pub(crate) struct Entry {
     pub(crate) mac: String,
     /// Addresses with prefix.
     pub(crate) ips: Vec<String>,
+    /// Attached containers: the namespace file as given to attach, and its (device, inode) then.
+    /// When that path stops naming the same namespace (the PID exited, `ip netns del`), the
+    /// container is gone, even while the kernel still takes its time to free the namespace.
+    #[serde(default)]
+    pub(crate) netns: Option<(String, u64, u64)>,
+}
+
+impl Entry {
+    /// Whether the namespace it was attached in is still there under the same path.
+    fn netns_alive(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match &self.netns {
+            None => true,
+            Some((path, dev, ino)) => {
+                std::fs::metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino)
+            }
+        }
+    }
 }
 
 /// The list, shared by the API handlers, the plugin and the watcher (short critical sections;
@@ -133,16 +151,21 @@ pub(crate) async fn watch(
             if entry.via != Via::Attach {
                 continue;
             }
-            match netlink.link_index(&host).await {
-                Ok(Some(_)) => continue,
-                Ok(None) => {}
+            let why = match netlink.link_index(&host).await {
+                Ok(Some(_)) if entry.netns_alive() => continue,
+                Ok(Some(_)) => "its network namespace is gone",
+                Ok(None) => "its veth vanished",
                 Err(e) => {
                     tracing::debug!("look for {host}: {e:#}");
                     continue;
                 }
-            }
+            };
             registry.remove(&host);
-            tracing::info!(container = %entry.container, "container is gone (its veth {host} vanished)");
+            tracing::info!(container = %entry.container, "container is gone ({why}: {host})");
+            // Its namespace may linger in the kernel for a while; the veth goes with it anyway.
+            if let Err(e) = netlink.delete_link(&host).await {
+                tracing::debug!("remove {host}: {e:#}");
+            }
             if let Some(key) = entry.key {
                 let (tx, rx) = oneshot::channel();
                 if calls.send(Call::Release(key, tx)).await.is_err() {
@@ -170,7 +193,9 @@ mod tests {
             ifname: "eth0".into(),
             mac: "02:00:00:00:00:01".into(),
             ips: vec!["10.32.0.1/12".into()],
+            netns: Some(("/proc/self/ns/net".into(), 1, 2)),
         };
+        assert!(!entry.netns_alive(), "another namespace's inode matched");
         let r = Registry::open(&dir);
         r.insert("mc0000", entry.clone());
         let again = Registry::open(&dir);

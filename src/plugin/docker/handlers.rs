@@ -221,6 +221,7 @@ impl Plugin {
                 ifname: String::new(),
                 mac: ep.mac.clone(),
                 ips: vec![ep.address.clone()],
+                netns: None,
             },
         );
         json(JoinResponse {
