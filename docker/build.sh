@@ -20,5 +20,28 @@ ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 cp "$bin" "$ctx/meshctl"
 cp docker/Dockerfile "$ctx/Dockerfile"
+# iptables for the router's FORWARD rule on hosts that filter bridged traffic (Docker hosts):
+# Debian ships no static build, so copy the build host's multi-call binaries with exactly the
+# shared libraries and xtables extensions they load. Without iptables here the image still
+# works, but logs that it cannot add the rule.
+mkdir -p "$ctx/rootfs"
+if [ "${MESHCTL_IMAGE_IPTABLES:-1}" = 1 ] && [ -x /usr/sbin/xtables-nft-multi ] && [ -x /usr/sbin/xtables-legacy-multi ]; then
+  for multi in /usr/sbin/xtables-nft-multi /usr/sbin/xtables-legacy-multi; do
+    cp --parents "$multi" "$ctx/rootfs"
+    ldd "$multi" | grep -o '/[^ ]*' | while read -r lib; do cp --parents -L "$lib" "$ctx/rootfs"; done
+  done
+  xtlib=$(dirname "$(ldd /usr/sbin/xtables-nft-multi | grep -o '/[^ ]*libxtables[^ ]*')")
+  for dir in "/usr/lib/$(basename "$xtlib")/xtables" "$xtlib/xtables"; do
+    [ -d "$dir" ] && cp -r --parents -L "$dir" "$ctx/rootfs" && break
+  done
+  for name in iptables ip6tables; do
+    ln -s xtables-nft-multi "$ctx/rootfs/usr/sbin/$name"
+    ln -s xtables-legacy-multi "$ctx/rootfs/usr/sbin/$name-legacy"
+  done
+  mkdir -p "$ctx/rootfs/run"
+  echo "adding iptables (nft and legacy) from this host"
+else
+  echo "warning: no iptables on this host; the image can't add its FORWARD rule on Docker hosts" >&2
+fi
 docker build -q -t "$tag" "$ctx" >/dev/null
 echo "built $tag from $bin"

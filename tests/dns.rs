@@ -307,6 +307,27 @@ fn container_on_a_resolves_and_pings_container_on_c_by_name_until_detached() {
     let (ok, _, err) = b.meshctl(&["dns-lookup", &cc_name]);
     assert!(!ok.success() && err.contains("not found"), "{err}");
 
+    // A container that exits without a detach loses its name too (with its address).
+    let gone = lab.container(&c);
+    let (ok, out, err) = c.meshctl(&["attach", &gone.netns, "--name", "shortlived"]);
+    assert!(ok.success(), "attach shortlived: {out}{err}");
+    assert!(
+        lab::wait_for(WAIT_MAX, || a
+            .meshctl(&["dns-lookup", "shortlived"])
+            .0
+            .success()),
+        "shortlived never resolved on a"
+    );
+    let (ok, err) = lab::run_cmd("ip", &["netns", "del", &gone.netns]);
+    assert!(ok, "ip netns del {}: {err}", gone.netns);
+    assert!(
+        lab::wait_for(WAIT_MAX, || !a
+            .meshctl(&["dns-lookup", "shortlived"])
+            .0
+            .success()),
+        "the name of a container that exited still resolves on a"
+    );
+
     // hide stops the server and gives the address back.
     let (ok, out, err) = a.meshctl(&["hide"]);
     assert!(ok.success(), "hide: {out}{err}");

@@ -12,7 +12,7 @@
 mod common;
 
 use common::lab::{self, Lab, WAIT_MAX};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const IMAGE: &str = "meshctl-test-busybox:latest";
@@ -93,7 +93,14 @@ impl RootSide {
 impl Drop for RootSide {
     fn drop(&mut self) {
         let _ = docker(&["rm", "-f", &self.container]);
+        let pid = std::fs::read_to_string(self.state_dir.join("meshctl.pid")).ok();
         let _ = self.meshctl(&["stop"]);
+        // Give it time to remove its ports and firewall rule before the hard kill below.
+        if let Some(pid) = pid.as_deref().map(str::trim) {
+            lab::wait_for(std::time::Duration::from_secs(10), || {
+                !Path::new(&format!("/proc/{pid}")).exists()
+            });
+        }
         if let Ok(pid) = std::fs::read_to_string(self.state_dir.join("meshctl.pid")) {
             if let Ok(pid) = pid.trim().parse::<i32>() {
                 let _ = nix::sys::signal::kill(
@@ -102,9 +109,29 @@ impl Drop for RootSide {
                 );
             }
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        // The router removes its TAP and VXLAN ports on stop; after a hard kill they are left.
+        for link in [
+            format!("{}-vx", self.bridge),
+            format!("{}-tap", self.bridge),
+            self.bridge.clone(),
+        ] {
+            let _ = Command::new("ip").args(["link", "del", &link]).output();
+        }
+        let comment = format!("meshctl bridge {}", self.bridge);
+        let rule = [
+            "FORWARD",
+            "-i",
+            &self.bridge,
+            "-o",
+            &self.bridge,
+            "-m",
+            "comment",
+            "--comment",
+            &comment,
+            "-j",
+            "ACCEPT",
+        ];
+        while lab::run_cmd("iptables", &[&["-w", "5", "-D"][..], &rule[..]].concat()).0 {}
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
@@ -144,6 +171,7 @@ fn docker_container_attached_by_name_reaches_a_namespace_host() {
         "--port",
         &port.to_string(),
         "--no-metrics",
+        "--no-docker-plugin",
     ]);
     assert!(ok, "root launch failed: {out}");
     b.launch(&["--password", "pw", &format!("{root_ip}:{port}")]);
@@ -201,5 +229,9 @@ fn docker_container_attached_by_name_reaches_a_namespace_host() {
 
     let (ok, out) = root.meshctl(&["stop"]);
     assert!(ok, "stop: {out}");
-    assert!(!root.rule_present(), "the FORWARD rule outlived the router");
+    // `stop` answers before the router has cleaned up; the rule goes during its exit.
+    assert!(
+        lab::wait_for(WAIT_MAX, || !root.rule_present()),
+        "the FORWARD rule outlived the router"
+    );
 }

@@ -39,10 +39,44 @@ impl RootSide {
     }
 }
 
+impl RootSide {
+    /// The router's FORWARD rule for its bridge (iptables on the host, nft backend).
+    fn rule(&self, op: &str) -> bool {
+        let comment = format!("meshctl bridge {}", self.bridge);
+        let args = [
+            "-w",
+            "5",
+            op,
+            "FORWARD",
+            "-i",
+            &self.bridge,
+            "-o",
+            &self.bridge,
+            "-m",
+            "comment",
+            "--comment",
+            &comment,
+            "-j",
+            "ACCEPT",
+        ];
+        run("iptables", &args).0
+    }
+}
+
 impl Drop for RootSide {
     fn drop(&mut self) {
+        // A stop (SIGTERM) lets the router remove its rule; rm -f alone would kill it.
+        let _ = run("docker", &["stop", "-t", "10", &self.container]);
         let _ = run("docker", &["rm", "-f", &self.container]);
-        let _ = run("ip", &["link", "del", &self.bridge]);
+        while self.rule("-C") && self.rule("-D") {}
+        // The router removes its TAP and VXLAN ports on stop; after a hard kill they are left.
+        for link in [
+            format!("{}-vx", self.bridge),
+            format!("{}-tap", self.bridge),
+            self.bridge.clone(),
+        ] {
+            let _ = run("ip", &["link", "del", &link]);
+        }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
@@ -148,6 +182,17 @@ fn router_image_runs_the_router_and_keeps_its_identity_across_restart() {
     );
     let name = status["name"].as_str().unwrap().to_string();
     assert_eq!(status["nickname"], "boxed");
+    // The image carries iptables, so on this Docker host (br_netfilter, FORWARD DROP) the
+    // containerized router adds its FORWARD rule just as on the host.
+    let filtered = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        .is_ok_and(|v| v.trim() == "1");
+    if filtered {
+        assert!(
+            root.rule("-C"),
+            "the router in the image added no FORWARD rule:\n{}",
+            logs()
+        );
+    }
 
     let (ok, out) = run("docker", &["restart", "-t", "5", &root.container]);
     assert!(ok, "docker restart: {out}");
@@ -164,5 +209,11 @@ fn router_image_runs_the_router_and_keeps_its_identity_across_restart() {
         status["name"].as_str(),
         Some(name.as_str()),
         "the peer name changed across restart"
+    );
+    let (ok, out) = run("docker", &["stop", "-t", "10", &root.container]);
+    assert!(ok, "docker stop: {out}");
+    assert!(
+        !root.rule("-C"),
+        "the FORWARD rule outlived the router container"
     );
 }

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::types::{
     AttachRequest, AttachResponse, DetachRequest, DnsAddRequest, DnsLookupRequest, DnsNameResponse,
-    DnsRemoveRequest, ErrorBody, ExposeRequest, ExposeResponse, IpamStatus, PeersRequest,
+    DnsRemoveRequest, ErrorBody, ExposeRequest, ExposeResponse, IpamStatus, PeersRequest, PsEntry,
     RmPeerRequest, Status,
 };
 use crate::kernel::attach::{self, AttachSpec};
@@ -69,6 +69,8 @@ pub(crate) struct ApiState {
     pub(crate) mtu: u32,
     /// The name service: lookups read its zone; expose and hide start and stop its listeners.
     pub(crate) dns: Arc<crate::dns::Service>,
+    /// Containers on the bridge (`meshctl ps`, release on exit).
+    pub(crate) containers: Arc<crate::plugin::containers::Registry>,
 }
 
 /// The IPAM key of the host's own address on the mesh (`meshctl expose` without CIDR).
@@ -94,6 +96,7 @@ pub(crate) async fn serve(
         .route("/dns/add", post(dns_add))
         .route("/dns/remove", post(dns_remove))
         .route("/dns/lookup", post(dns_lookup))
+        .route("/ps", get(ps))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -236,10 +239,25 @@ async fn attach_container(
             return Err(internal(e));
         }
     };
-    if let Some(name) = name {
+    if let Some(name) = name.clone() {
         let addrs: Vec<std::net::IpAddr> = spec.addrs.iter().map(|(a, _)| *a).collect();
         ask(&state, |reply| Call::DnsAdd { name, addrs, reply }).await?;
     }
+    let label = req.label.clone().unwrap_or_else(|| req.netns.clone());
+    state.containers.insert(
+        &attached.host_ifname,
+        crate::plugin::containers::Entry {
+            via: crate::plugin::containers::Via::Attach,
+            container: label,
+            key: allocated.then(|| key.clone()),
+            network: None,
+            ifname: attached.ifname.clone(),
+            mac: format_mac(&attached.mac),
+            ips: shown.clone(),
+            netns: namespace_id(&spec.netns),
+            dns_name: name,
+        },
+    );
     Ok(Json(AttachResponse {
         host_ifname: attached.host_ifname,
         ifname: attached.ifname,
@@ -259,6 +277,9 @@ async fn detach_container(
         None => container_key(req.container.as_deref(), &netns).ok(),
     };
     let detached = attach::detach(&state.netlink, &netns, &req.ifname).await;
+    state
+        .containers
+        .remove(&attach::host_ifname(&netns, &req.ifname));
     if let Some(key) = key {
         ask(&state, |tx| Call::Release(key, tx)).await?;
     }
@@ -410,6 +431,13 @@ pub(crate) fn network(addr: std::net::IpAddr, prefix: u8) -> String {
     }
 }
 
+/// The namespace file and its (device, inode), to notice when the container is gone.
+fn namespace_id(netns: &std::path::Path) -> Option<(String, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(netns).ok()?;
+    Some((netns.display().to_string(), meta.dev(), meta.ino()))
+}
+
 /// The IPAM key of a container: its Docker id, else its netns inode (the same for every path
 /// to that namespace, and for the namespace's whole life).
 fn container_key(container: Option<&str>, netns: &std::path::Path) -> Result<String, ApiError> {
@@ -424,6 +452,29 @@ fn container_key(container: Option<&str>, netns: &std::path::Path) -> Result<Str
         ))
     })?;
     Ok(format!("netns:{}:{}", meta.dev(), meta.ino()))
+}
+
+/// Containers on the bridge, attached ones first.
+async fn ps(State(state): State<ApiState>) -> Json<Vec<PsEntry>> {
+    let mut list: Vec<PsEntry> = state
+        .containers
+        .list()
+        .into_iter()
+        .map(|(host_ifname, e)| PsEntry {
+            via: match e.via {
+                crate::plugin::containers::Via::Attach => "attach".to_string(),
+                crate::plugin::containers::Via::Plugin => "plugin".to_string(),
+            },
+            container: e.container,
+            network: e.network,
+            ifname: e.ifname,
+            mac: e.mac,
+            ips: e.ips,
+            host_ifname,
+        })
+        .collect();
+    list.sort_by(|a, b| (&a.via, &a.container).cmp(&(&b.via, &b.container)));
+    Json(list)
 }
 
 async fn ipam(State(state): State<ApiState>) -> Result<Json<IpamStatus>, ApiError> {

@@ -311,6 +311,9 @@ pub(crate) struct AttachRequest {
     /// The IPAM key, when the caller has its own (the CNI plugin: `cni:ID:IFNAME`).
     #[serde(default)]
     pub(crate) key: Option<String>,
+    /// How `meshctl ps` names the container (as the user gave it).
+    #[serde(default)]
+    pub(crate) label: Option<String>,
 }
 
 /// Answer to `POST /attach`.
@@ -354,4 +357,23 @@ pub(crate) struct ExposeRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ExposeResponse {
     pub(crate) addresses: Vec<String>,
+}
+
+/// `GET /ps`: one container on the mesh bridge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PsEntry {
+    /// `attach` (`meshctl attach`) or `plugin` (the Docker network plugin).
+    pub(crate) via: String,
+    /// Netns name, PID, Docker container name, or the Docker endpoint for plugin containers.
+    pub(crate) container: String,
+    /// Docker network id (plugin containers).
+    #[serde(default)]
+    pub(crate) network: Option<String>,
+    /// Interface inside the container, when known.
+    pub(crate) ifname: String,
+    pub(crate) mac: String,
+    /// Addresses with prefix.
+    pub(crate) ips: Vec<String>,
+    /// The veth end on the bridge.
+    pub(crate) host_ifname: String,
 }

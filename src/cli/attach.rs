@@ -35,6 +35,14 @@ pub(super) async fn attach(
         wait_secs: Some(wait),
         name: name.or(default_name),
         key: None,
+        // `meshctl ps` shows the name alone: "container NAME (ID)" -> NAME.
+        label: Some(
+            label
+                .strip_prefix("container ")
+                .and_then(|l| l.split(" (").next())
+                .unwrap_or(&label)
+                .to_string(),
+        ),
     };
     let r: AttachResponse = call(&paths.socket, Method::POST, "/attach", Some(&req)).await?;
     println!(

@@ -7,6 +7,7 @@ mod attach;
 mod dns;
 mod launch;
 mod peers;
+mod ps;
 mod report;
 mod status;
 
@@ -98,6 +99,13 @@ pub(crate) enum Command {
         /// DNS name to register (NAME.DOMAIN) [default: the netns or Docker container name].
         #[arg(long)]
         name: Option<String>,
+    },
+    /// List the containers on this router's mesh bridge (attached or started through the Docker
+    /// plugin) with their MAC and addresses.
+    Ps {
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Show address allocation: owned, used and free space per peer, unreachable owners,
     /// and what allocation waits for.
@@ -242,6 +250,15 @@ pub(crate) struct LaunchArgs {
     /// Run no name server (names are still gossiped and `meshctl dns-lookup` works).
     #[arg(long)]
     pub(crate) no_dns: bool,
+    /// Serve Docker's network and IPAM plugin on this socket; its file name is the driver name
+    /// (`docker network create -d meshnet --ipam-driver meshnet NAME`) [default:
+    /// /run/docker/plugins/meshnet.sock when /run/docker exists and the router runs in the host's
+    /// network namespace].
+    #[arg(long, value_name = "PATH", conflicts_with = "no_docker_plugin")]
+    pub(crate) docker_plugin: Option<PathBuf>,
+    /// Don't serve the Docker plugin.
+    #[arg(long)]
+    pub(crate) no_docker_plugin: bool,
 }
 
 fn parse_cipher(s: &str) -> Result<crate::dataplane::sleeve::crypto::Cipher, String> {
@@ -322,6 +339,7 @@ async fn dispatch(command: Command, paths: &Paths) -> Result<ExitCode> {
         Command::Status { section, json } => status::run(paths, section, json).await,
         Command::Report => report::run(paths).await,
         Command::Ipam { json } => status::ipam(paths, json).await,
+        Command::Ps { json } => ps::run(paths, json).await,
         Command::Reset => peers::reset(paths).await,
         Command::Rmpeer { peer } => peers::rmpeer(paths, peer).await,
         Command::Attach {

@@ -220,6 +220,24 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
             }
         }
     };
+    let containers = crate::plugin::containers::Registry::open(&paths.state_dir);
+    let watcher = tokio::spawn(crate::plugin::containers::watch(
+        containers.clone(),
+        netlink.clone(),
+        calls_tx.clone(),
+    ));
+    let docker_plugin = start_docker_plugin(
+        &args,
+        crate::plugin::docker::Settings {
+            calls: calls_tx.clone(),
+            netlink: netlink.clone(),
+            bridge: args.bridge.clone(),
+            mtu: args.mtu,
+            default_pool: ipam.universe,
+            state_dir: paths.state_dir.clone(),
+            registry: containers.clone(),
+        },
+    )?;
     let api = tokio::spawn(crate::api::server::serve(
         listener,
         crate::api::server::ApiState {
@@ -228,6 +246,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
             bridge: args.bridge.clone(),
             mtu: args.mtu,
             dns: dns.clone(),
+            containers,
         },
     ));
     let pid_path = paths.state_dir.join("meshctl.pid");
@@ -273,6 +292,14 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     let outcome = control.run(targets, calls_rx).await;
 
     api.abort();
+    watcher.abort();
+    let mut problems = Vec::new();
+    if let Some((socket, task)) = docker_plugin {
+        task.abort();
+        if let Err(e) = socket.remove() {
+            problems.push(e);
+        }
+    }
     if let Some(m) = metrics {
         m.abort();
     }
@@ -281,7 +308,6 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     if let Some(prober) = prober {
         prober.abort();
     }
-    let mut problems = Vec::new();
     problems.extend(firewall.remove());
     if let Err(e) = netlink.delete_link(&tap_name).await {
         problems.push(format!("remove TAP {tap_name}: {e:#}"));
@@ -303,6 +329,46 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     }
     tracing::info!("router stopped");
     outcome
+}
+
+/// Serves Docker's network and IPAM plugin: on `--docker-plugin PATH` (failing the launch if it
+/// can't), or by default on `/run/docker/plugins/meshnet.sock` when Docker is installed and this
+/// router shares the engine's network namespace (skipped with a warning if that socket is taken).
+fn start_docker_plugin(
+    args: &LaunchArgs,
+    settings: crate::plugin::docker::Settings,
+) -> Result<Option<(crate::plugin::docker::Socket, tokio::task::JoinHandle<()>)>> {
+    use crate::plugin::docker;
+    let (path, explicit) = match &args.docker_plugin {
+        _ if args.no_docker_plugin => return Ok(None),
+        Some(path) => (path.clone(), true),
+        None if Path::new("/run/docker").is_dir() && docker::in_host_netns() => {
+            (std::path::PathBuf::from(docker::SOCKET_DEFAULT), false)
+        }
+        None => return Ok(None),
+    };
+    let started = docker::Plugin::new(settings)
+        .map_err(anyhow::Error::msg)
+        .and_then(|plugin| Ok((plugin, docker::Socket::bind(&path)?)));
+    let (plugin, (socket, listener)) = match started {
+        Ok(s) => s,
+        Err(e) if explicit => return Err(e.context("serve the Docker plugin (--docker-plugin)")),
+        Err(e) => {
+            tracing::warn!("not serving the Docker plugin: {e:#} (choose another --docker-plugin PATH, or --no-docker-plugin)");
+            return Ok(None);
+        }
+    };
+    let driver = socket.driver_name();
+    tracing::info!(
+        "serving the Docker network and IPAM driver {driver:?} on {}",
+        path.display()
+    );
+    let task = tokio::spawn(async move {
+        if let Err(e) = docker::serve(listener, std::sync::Arc::new(plugin)).await {
+            tracing::warn!("docker plugin {driver}: {e}");
+        }
+    });
+    Ok(Some((socket, task)))
 }
 
 /// Loads the identity from `DIR/identity.pk8`, creating it (mode 0600) on first start.

@@ -267,6 +267,11 @@ fn add(env: &BTreeMap<String, String>, conf: &NetConf) -> Result<Value, CniError
         wait_secs: Some(ALLOC_WAIT_SECS),
         name: None,
         key: Some(ipam_key(container, ifname)),
+        // What `meshctl ps` shows for it.
+        label: Some(format!(
+            "cni:{}",
+            container.chars().take(12).collect::<String>()
+        )),
     };
     let r: AttachResponse = call(&conf.socket(env), "/attach", &req)?;
     Ok(result(&conf.cni_version, netns, &r))

@@ -86,3 +86,42 @@ pub(crate) async fn find(name_or_id: &str) -> Result<Container> {
         netns: PathBuf::from(format!("/proc/{}/ns/net", inspect.state.pid)),
     })
 }
+
+#[derive(Deserialize)]
+struct NetworkInspect {
+    #[serde(rename = "Containers", default)]
+    containers: std::collections::BTreeMap<String, NetworkContainer>,
+}
+
+#[derive(Deserialize)]
+struct NetworkContainer {
+    #[serde(rename = "Name", default)]
+    name: String,
+    #[serde(rename = "EndpointID", default)]
+    endpoint_id: String,
+}
+
+/// The containers on a Docker network, as (endpoint id, container name) pairs.
+pub(crate) async fn network_endpoints(network_id: &str) -> Result<Vec<(String, String)>> {
+    if network_id.is_empty() || !network_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        bail!("{network_id:?} is not a network id");
+    }
+    let socket = socket();
+    let stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .with_context(|| format!("connect to Docker at {}", socket.display()))?;
+    let path = format!("/networks/{network_id}");
+    let (status, body) = crate::api::client::request::<()>(stream, Method::GET, &path, None)
+        .await
+        .with_context(|| format!("ask Docker about network {network_id}"))?;
+    if status != StatusCode::OK {
+        bail!("Docker answered {status} about network {network_id}");
+    }
+    let inspect: NetworkInspect =
+        serde_json::from_slice(&body).context("decode Docker's network inspect")?;
+    Ok(inspect
+        .containers
+        .into_values()
+        .map(|c| (c.endpoint_id, c.name))
+        .collect())
+}

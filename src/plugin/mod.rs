@@ -1,5 +1,8 @@
 //! Integration with container engines: the Docker Engine API client (finding a container's network
-//! namespace). The Docker network plugin and the CNI plugin live here too as they are added.
+//! namespace), the Docker network and IPAM plugin, and the registry of containers this router put
+//! on the mesh (`meshctl ps`, release on container exit).
 
 pub(crate) mod cni;
+pub(crate) mod containers;
+pub(crate) mod docker;
 pub(crate) mod engine;
