@@ -40,28 +40,49 @@ async fn change_targets(
 }
 
 pub(super) async fn stop(paths: &Paths) -> Result<ExitCode> {
+    let pid = router_pid(paths);
     call::<(), ()>(&paths.socket, Method::POST, "/stop", None).await?;
-    // Wait until the socket stops answering, so that a following `launch` finds the port free.
-    wait_until_gone(paths).await;
+    // Wait until the router has exited, so that a following `launch` finds the port free and
+    // the old router's cleanup can't touch the new one's devices.
+    wait_until_gone(paths, pid).await;
     println!("router stopped");
     Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn reset(paths: &Paths) -> Result<ExitCode> {
+    let pid = router_pid(paths);
     let said: String = call::<(), _>(&paths.socket, Method::POST, "/reset", None).await?;
-    wait_until_gone(paths).await;
+    wait_until_gone(paths, pid).await;
     println!("{said}");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits (at most [`GONE_WAIT`]) until the router's socket no longer accepts connections.
-async fn wait_until_gone(paths: &Paths) {
+/// The router's PID from `STATE_DIR/meshctl.pid`, if there is one.
+fn router_pid(paths: &Paths) -> Option<u32> {
+    std::fs::read_to_string(paths.state_dir.join("meshctl.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is a process that has not exited (a zombie waiting for its parent has).
+fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
+}
+
+/// Waits (at most [`GONE_WAIT`]) until the router's socket no longer accepts connections and
+/// its process (`pid`, when known) has exited.
+async fn wait_until_gone(paths: &Paths, pid: Option<u32>) {
     let deadline = tokio::time::Instant::now() + GONE_WAIT;
     while tokio::time::Instant::now() < deadline {
-        if tokio::net::UnixStream::connect(&paths.socket)
-            .await
-            .is_err()
-        {
+        let answers = tokio::net::UnixStream::connect(&paths.socket).await.is_ok();
+        let running = pid.is_some_and(process_running);
+        if !answers && !running {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -773,13 +773,20 @@ impl Control {
     }
 
     /// The facts about `peer` that do not come from probes.
-    fn facts(&self, peer: PeerName) -> PeerFacts {
-        let routes = self.router.routes();
+    /// Our children in our own broadcast tree: the peers [`Control::facts`] may put on VXLAN.
+    /// Computed once per evaluation, not once per peer.
+    fn own_children(&self) -> Vec<PeerName> {
         let me = self.local.name;
+        mesh::routes::broadcast(self.router.topology(), me, me)
+    }
+
+    fn facts(&self, peer: PeerName, children: &[PeerName]) -> PeerFacts {
+        let routes = self.router.routes();
         let conn = self.conn_to(peer);
-        let direct = conn.is_some()
-            && routes.unicast.get(&peer) == Some(&peer)
-            && mesh::routes::broadcast(self.router.topology(), me, me).contains(&peer);
+        let direct =
+            conn.is_some() && routes.unicast.get(&peer) == Some(&peer) && children.contains(&peer);
+        let ours = self.settings.fastpath.as_ref().map(|f| f.device.port);
+        let theirs = conn.and_then(|c| c.vxlan).map(|v| v.port);
         PeerFacts {
             fastpath: self.settings.fastpath.is_some(),
             encryption_required: conn.is_some_and(|c| self.encryption_required(c))
@@ -789,6 +796,10 @@ impl Control {
                 .and_then(|c| c.vxlan)
                 .is_some_and(|v| v.vni == vxlan::VNI)
                 && conn.is_some_and(|c| c.session.remote_addr.is_ipv4()),
+            port_mismatch: match (ours, theirs) {
+                (Some(o), Some(t)) if o != t => Some((o, t)),
+                _ => None,
+            },
             path: None,
         }
     }
@@ -804,8 +815,9 @@ impl Control {
             .filter(|p| *p != me)
             .collect();
         let mut choices = BTreeMap::new();
+        let children = self.own_children();
         for peer in peers {
-            let mut facts = self.facts(peer);
+            let mut facts = self.facts(peer, &children);
             if overlay::wants_probes(&facts) {
                 facts.path = self.probes.get_mut(&peer).map(|p| p.evaluate(now));
             } else {
@@ -832,8 +844,9 @@ impl Control {
             return;
         };
         let peers: Vec<PeerName> = self.choices.keys().copied().collect();
+        let children = self.own_children();
         for peer in peers {
-            let facts = self.facts(peer);
+            let facts = self.facts(peer, &children);
             if !overlay::wants_probes(&facts) {
                 continue;
             }
@@ -883,7 +896,7 @@ impl Control {
             };
             // Answer only where our own policy allows VXLAN with the prober: trust must be
             // mutual, so a peer that trusts our subnet can't put plaintext on our wire alone.
-            let facts = self.facts(probe.from);
+            let facts = self.facts(probe.from, &self.own_children());
             let declined = facts.encryption_required;
             if !declined && !overlay::wants_probes(&facts) {
                 return;

@@ -205,6 +205,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
 
     let socket_path = paths.socket.clone();
     let listener = bind_api_socket(&socket_path)?;
+    let socket_inode = file_inode(&socket_path);
     let (calls_tx, calls_rx) = mpsc::channel(64);
     let metrics = if args.no_metrics {
         None
@@ -317,7 +318,15 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
             problems.push(format!("remove VXLAN {}: {e:#}", device.name));
         }
     }
-    for path in [&socket_path, &pid_path] {
+    // Only files that are still ours: a router launched while this one was cleaning up has
+    // bound a socket and written a pid file of its own under the same names.
+    let ours_pid = std::fs::read_to_string(&pid_path)
+        .is_ok_and(|t| t.trim() == std::process::id().to_string());
+    let ours_socket = socket_inode.is_some() && file_inode(&socket_path) == socket_inode;
+    for (path, ours) in [(&socket_path, ours_socket), (&pid_path, ours_pid)] {
+        if !ours {
+            continue;
+        }
         if let Err(e) = std::fs::remove_file(path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 problems.push(format!("remove {}: {e}", path.display()));
@@ -403,6 +412,12 @@ fn load_or_create_identity(dir: &Path) -> Result<Identity> {
         }
         Err(e) => Err(anyhow::Error::new(e).context(format!("read {}", path.display()))),
     }
+}
+
+/// The inode of the file at `path`, to tell our own socket from a newer router's.
+fn file_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
 }
 
 /// Binds the API socket, replacing a stale file that nothing answers on.

@@ -162,6 +162,9 @@ pub struct PeerFacts {
     pub direct: bool,
     /// It advertised VXLAN support with our VNI in its handshake.
     pub supports_vxlan: bool,
+    /// Its VXLAN port differs from ours: (ours, its). The kernel sends unicast to MACs it learned
+    /// to the remote address at *our* port, so such a pair would lose unicast frames.
+    pub port_mismatch: Option<(u16, u16)>,
     /// What the probes say; `None` while not probing.
     pub path: Option<PathState>,
 }
@@ -173,6 +176,7 @@ pub enum SleeveReason {
     EncryptionRequired,
     Relayed,
     Unsupported,
+    PortMismatch { ours: u16, theirs: u16 },
     Probing,
     ProbeLost { since: Instant },
     PathMtu { since: Instant },
@@ -196,6 +200,8 @@ pub fn choose(f: &PeerFacts) -> Choice {
         Relayed
     } else if !f.supports_vxlan {
         Unsupported
+    } else if let Some((ours, theirs)) = f.port_mismatch {
+        PortMismatch { ours, theirs }
     } else {
         match f.path {
             Some(PathState::Up) => return Choice::Vxlan,
@@ -210,7 +216,11 @@ pub fn choose(f: &PeerFacts) -> Choice {
 
 /// Whether probes should go to a peer with these facts (everything but the path allows VXLAN).
 pub fn wants_probes(f: &PeerFacts) -> bool {
-    f.fastpath && !f.encryption_required && f.direct && f.supports_vxlan
+    f.fastpath
+        && !f.encryption_required
+        && f.direct
+        && f.supports_vxlan
+        && f.port_mismatch.is_none()
 }
 
 /// The status text for a choice: (`overlay`, `reason`). `clock` turns an instant into a time of
@@ -223,6 +233,9 @@ pub fn describe(choice: Choice, mtu: u32, clock: impl Fn(Instant) -> String) -> 
             SleeveReason::EncryptionRequired => "encryption required".to_string(),
             SleeveReason::Relayed => "relayed (not directly connected)".to_string(),
             SleeveReason::Unsupported => "peer does not support vxlan".to_string(),
+            SleeveReason::PortMismatch { ours, theirs } => format!(
+                "vxlan port differs (ours {ours}, the peer's {theirs}); give both routers the same --port"
+            ),
             SleeveReason::Probing => "probing vxlan".to_string(),
             SleeveReason::ProbeLost { since } => {
                 format!("vxlan probe lost since {}", clock(since))
@@ -247,6 +260,7 @@ mod tests {
             encryption_required: false,
             direct: true,
             supports_vxlan: true,
+            port_mismatch: None,
             path,
         }
     }
@@ -334,6 +348,13 @@ mod tests {
         let mut f = facts(Some(PathState::Up));
         f.supports_vxlan = false;
         assert_eq!(choose(&f), Choice::Sleeve(SleeveReason::Unsupported));
+        f.supports_vxlan = true;
+        f.port_mismatch = Some((6785, 7785));
+        let c = choose(&f);
+        assert!(!wants_probes(&f), "no probes where unicast would be lost");
+        let (overlay, reason) = describe(c, 1376, |_| String::new());
+        assert_eq!(overlay, "sleeve");
+        assert!(reason.contains("ours 6785, the peer's 7785"), "{reason}");
         assert_eq!(choose(&facts(None)), Choice::Sleeve(SleeveReason::Probing));
         let since = Instant::now();
         let c = choose(&facts(Some(PathState::Lost { since })));
