@@ -11,33 +11,10 @@
 
 mod common;
 
+use common::docker::{build_test_image, docker, TEST_IMAGE};
 use common::lab::{self, Lab, WAIT_MAX};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-const IMAGE: &str = "meshctl-test-busybox:latest";
-
-fn docker(args: &[&str]) -> (bool, String) {
-    lab::run_cmd("docker", args)
-}
-
-/// Builds a tiny image from scratch around Debian's busybox-static (no registry needed).
-fn build_image(dir: &std::path::Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    std::fs::copy("/bin/busybox", dir.join("busybox"))
-        .map_err(|e| format!("copy /bin/busybox (install busybox-static): {e}"))?;
-    std::fs::write(
-        dir.join("Dockerfile"),
-        "FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT [\"/bin/busybox\"]\nCMD [\"sleep\", \"3600\"]\n",
-    )
-    .map_err(|e| e.to_string())?;
-    let (ok, out) = docker(&["build", "-q", "-t", IMAGE, &dir.display().to_string()]);
-    if ok {
-        Ok(())
-    } else {
-        Err(out)
-    }
-}
 
 /// Everything this test adds to the root namespace; dropped last.
 struct RootSide {
@@ -146,7 +123,7 @@ fn docker_container_attached_by_name_reaches_a_namespace_host() {
         return;
     }
     let lab = Lab::new();
-    build_image(&lab.dir().join("image")).expect("build the busybox test image");
+    build_test_image(&lab.dir().join("image")).expect("build the busybox test image");
 
     let tag = std::process::id() % 10_000;
     let port = 20_000 + (std::process::id() % 20_000) as u16 * 2;
@@ -183,7 +160,7 @@ fn docker_container_attached_by_name_reaches_a_namespace_host() {
         "none",
         "--name",
         &root.container,
-        IMAGE,
+        TEST_IMAGE,
     ]);
     assert!(ok, "docker run: {out}");
     let (ok, out) = root.meshctl(&["attach", &root.container, "--ip", "10.47.0.1/24"]);

@@ -1,6 +1,8 @@
 //! The router image (docker/build.sh) runs the router as a container exactly as on the host: the host's
 //! `meshctl` talks to it through the socket in its state volume, it joins a mesh, and a restart of the
-//! container keeps its identity (same peer name) and restores the path.
+//! container keeps its identity (same peer name), restores the path, and keeps the address it gave a
+//! Docker container attached through it (the IPAM state lives in the volume): the address stays
+//! allocated to that container, and a container attached after the restart gets another one.
 //!
 //! ```text
 //!   root namespace                                                       lab netns "b"
@@ -11,6 +13,7 @@
 
 mod common;
 
+use common::docker::{build_test_image, TEST_IMAGE};
 use common::lab::{self, Lab, WAIT_MAX};
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,19 +26,56 @@ fn run(cmd: &str, args: &[&str]) -> (bool, String) {
 
 struct RootSide {
     container: String,
+    /// Docker containers attached to the mesh through the router.
+    workloads: Vec<String>,
     bridge: String,
     state_dir: PathBuf,
 }
 
 impl RootSide {
+    /// Runs the host's `meshctl` against the containerized router (through its state volume).
+    fn meshctl(&self, args: &[&str]) -> (bool, String) {
+        let dir = self.state_dir.display().to_string();
+        let mut full = vec!["--state-dir", dir.as_str()];
+        full.extend_from_slice(args);
+        lab::run_cmd(&lab::meshctl_bin().display().to_string(), &full)
+    }
+
     fn status(&self) -> serde_json::Value {
-        let out = Command::new(lab::meshctl_bin())
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .args(["status", "--json"])
-            .output()
-            .expect("run meshctl");
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+        let (_, out) = self.meshctl(&["status", "--json"]);
+        serde_json::from_str(&out).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Starts a test container without a network and attaches it to the mesh through the router
+    /// (address from the mesh IPAM); returns its mesh address.
+    fn start_workload(&mut self, name: &str) -> String {
+        let (ok, out) = run(
+            "docker",
+            &["run", "-d", "--name", name, "--network", "none", TEST_IMAGE],
+        );
+        assert!(ok, "docker run {name}: {out}");
+        self.workloads.push(name.to_string());
+        let (ok, out) = self.meshctl(&["attach", name]);
+        assert!(ok, "meshctl attach {name}: {out}");
+        // "attached container NAME (ID): eth0 MAC 10.32.0.1/12 (host side ...)"
+        out.split_whitespace()
+            .find(|w| w.starts_with("10.") && w.contains('/'))
+            .unwrap_or_else(|| panic!("attach {name} printed no address: {out}"))
+            .to_string()
+    }
+
+    /// Addresses the router holds for containers (not released).
+    fn held(&self) -> Vec<String> {
+        let status = self.status();
+        status["ipam"]["allocations"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| x["releasing"] == false)
+                    .filter_map(|x| x["address"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -66,6 +106,9 @@ impl RootSide {
 impl Drop for RootSide {
     fn drop(&mut self) {
         // A stop (SIGTERM) lets the router remove its rule; rm -f alone would kill it.
+        for w in &self.workloads {
+            let _ = run("docker", &["rm", "-f", w]);
+        }
         let _ = run("docker", &["stop", "-t", "10", &self.container]);
         let _ = run("docker", &["rm", "-f", &self.container]);
         while self.rule("-C") && self.rule("-D") {}
@@ -118,8 +161,10 @@ fn router_image_runs_the_router_and_keeps_its_identity_across_restart() {
     let lab = Lab::new();
     let tag = std::process::id() % 10_000;
     let port = 20_001 + (std::process::id() % 20_000) as u16 * 2;
-    let root = RootSide {
+    build_test_image(&lab.dir().join("image")).expect("build the busybox test image");
+    let mut root = RootSide {
         container: format!("meshctl-router-test-{tag}"),
+        workloads: Vec::new(),
         bridge: format!("mi{tag}"),
         state_dir: lab.dir().join("router-state"),
     };
@@ -174,7 +219,8 @@ fn router_image_runs_the_router_and_keeps_its_identity_across_restart() {
         status = root.status();
         peers(&status) == 1
     });
-    let logs = || run("docker", &["logs", "--tail", "30", &root.container]).1;
+    let router_container = root.container.clone();
+    let logs = || run("docker", &["logs", "--tail", "30", &router_container]).1;
     assert!(
         joined,
         "the containerized router never saw b:\n{status:#}\n{}",
@@ -194,6 +240,14 @@ fn router_image_runs_the_router_and_keeps_its_identity_across_restart() {
         );
     }
 
+    let first = root.start_workload(&format!("meshctl-image-w1-{tag}"));
+    let bare = |a: &str| a.split('/').next().unwrap_or(a).to_string();
+    assert!(
+        root.held().contains(&bare(&first)),
+        "the router does not list {first} as held: {:#}",
+        root.status()["ipam"]
+    );
+
     let (ok, out) = run("docker", &["restart", "-t", "5", &root.container]);
     assert!(ok, "docker restart: {out}");
     let back = lab::wait_for(WAIT_MAX, || {
@@ -209,6 +263,19 @@ fn router_image_runs_the_router_and_keeps_its_identity_across_restart() {
         status["name"].as_str(),
         Some(name.as_str()),
         "the peer name changed across restart"
+    );
+    // The restarted router still holds the first container's address, and gives the next
+    // container another one.
+    assert!(
+        root.held().contains(&bare(&first)),
+        "after restart the router no longer holds {first}: {:#}",
+        root.status()["ipam"]
+    );
+    let second = root.start_workload(&format!("meshctl-image-w2-{tag}"));
+    assert_ne!(
+        bare(&first),
+        bare(&second),
+        "the restarted router gave a held address again"
     );
     let (ok, out) = run("docker", &["stop", "-t", "10", &root.container]);
     assert!(ok, "docker stop: {out}");

@@ -15,35 +15,12 @@
 
 mod common;
 
+use common::docker::{build_test_image, docker, TEST_IMAGE};
 use common::lab::{self, Lab, WAIT_MAX};
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-const IMAGE: &str = "meshctl-test-busybox:latest";
-
-fn docker(args: &[&str]) -> (bool, String) {
-    lab::run_cmd("docker", args)
-}
-
-/// Builds a tiny image from scratch around Debian's busybox-static (no registry needed).
-fn build_image(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    std::fs::copy("/bin/busybox", dir.join("busybox"))
-        .map_err(|e| format!("copy /bin/busybox (install busybox-static): {e}"))?;
-    std::fs::write(
-        dir.join("Dockerfile"),
-        "FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT [\"/bin/busybox\"]\nCMD [\"sleep\", \"3600\"]\n",
-    )
-    .map_err(|e| e.to_string())?;
-    let (ok, out) = docker(&["build", "-q", "-t", IMAGE, &dir.display().to_string()]);
-    if ok {
-        Ok(())
-    } else {
-        Err(out)
-    }
-}
 
 /// Everything the test adds to the root namespace; dropped before the lab.
 struct RootSide {
@@ -141,7 +118,7 @@ impl RootSide {
     fn run_container(&mut self, suffix: &str, network: &str) -> String {
         let name = format!("{}-{suffix}", self.tag);
         self.containers.push(name.clone());
-        let (ok, out) = docker(&["run", "-d", "--network", network, "--name", &name, IMAGE]);
+        let (ok, out) = docker(&["run", "-d", "--network", network, "--name", &name, TEST_IMAGE]);
         assert!(ok, "docker run --network {network}: {out}\n{}", self.log());
         name
     }
@@ -288,7 +265,7 @@ fn docker_containers_join_through_the_plugin_and_attach_and_keep_addresses_acros
         return;
     }
     let lab = Lab::new();
-    build_image(&lab.dir().join("image")).expect("build the busybox test image");
+    build_test_image(&lab.dir().join("image")).expect("build the busybox test image");
 
     let n = std::process::id() % 10_000;
     let port = 21_000 + (std::process::id() % 20_000) as u16 * 2;

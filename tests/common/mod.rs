@@ -3,3 +3,4 @@
 //! Not here: test topologies and assertions, which live in the test files themselves.
 
 pub(crate) mod lab;
+pub(crate) mod docker;
