@@ -1,8 +1,8 @@
 //! Gossip at scale, measured in the simulator: prints one table row per mesh size.
 //!
 //! ```sh
-//! cargo run --release --example simulate              # N = 100, 1000, 10000
-//! cargo run --release --example simulate -- 100 1000  # chosen sizes
+//! cargo run -p mesh --release --example simulate              # N = 100, 1000, 10000
+//! cargo run -p mesh --release --example simulate -- 100 1000  # chosen sizes
 //! ```
 //!
 //! For each N, with the default connection limit, 1% message loss and 5-50 ms one-way delay,
@@ -19,6 +19,10 @@ use std::time::{Duration, Instant};
 
 use mesh::sim::{Bootstrap, Sim, SimOptions};
 use mesh::{ConnId, Message, PeerName, Router, RouterConfig, CONN_LIMIT_DEFAULT};
+
+/// Links per peer in the starting mesh: up to the limit, as in a mesh that has settled (below
+/// it, the first minutes are spent filling up through discovery, not in steady state).
+const WARM_DEGREE: usize = CONN_LIMIT_DEFAULT;
 
 struct Counting;
 
@@ -109,7 +113,7 @@ fn main() {
     } else {
         sizes
     };
-    println!("conn limit {CONN_LIMIT_DEFAULT}, loss 1%, one-way delay 5-50 ms, route delay 100 ms");
+    println!("conn limit {CONN_LIMIT_DEFAULT}, start degree {WARM_DEGREE}, loss 1%, one-way delay 5-50 ms, route delay 100 ms");
     println!("| N | join known everywhere | failure routed around | steady bytes/peer/min | bytes/peer per change | router memory | largest message | wall clock | peak RSS |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
@@ -123,7 +127,7 @@ fn main() {
             loss: 0.01,
             check: false,
             bootstrap: Bootstrap::Warm {
-                degree: CONN_LIMIT_DEFAULT,
+                degree: WARM_DEGREE,
             },
             router: RouterConfig {
                 route_delay: Duration::from_millis(100),
@@ -132,11 +136,23 @@ fn main() {
             ..SimOptions::default()
         };
         let mut sim = Sim::new(options, start);
+        let phase = |sim: &Sim, what: &str| {
+            eprintln!(
+                "N={n} {what}: {:.0} s wall, RSS {:.0} MiB, {} queued, {} messages, {} connections",
+                wall.elapsed().as_secs_f64(),
+                peak_rss_mib(),
+                sim.queued(),
+                sim.stats().messages,
+                sim.stats().connections
+            );
+        };
+        phase(&sim, "warm");
         // Settle, then measure a minute of steady state.
         sim.run_for(Duration::from_secs(30)).expect("no checks");
         let b0 = sim.stats().bytes;
         sim.run_for(Duration::from_secs(60)).expect("no checks");
         let steady = (sim.stats().bytes - b0) as f64 / n as f64;
+        phase(&sim, "steady");
 
         // (a) A new peer joins through one existing peer.
         let b1 = sim.stats().bytes;
@@ -147,6 +163,7 @@ fn main() {
         });
         sim.run_for(Duration::from_secs(5)).expect("no checks");
         let per_change = (sim.stats().bytes - b1) as f64 / n as f64;
+        phase(&sim, "joined");
 
         // (b) A peer crashes; routes must avoid it everywhere.
         let f = n / 3;
@@ -156,6 +173,7 @@ fn main() {
             s.routers()
                 .all(|(_, r)| !r.routes_pending() && !r.routes().unicast.contains_key(&fname))
         });
+        phase(&sim, "failed");
         let memory = router_bytes(&sim, start);
         println!(
             "| {n} | {} | {} | {:.0} | {:.0} | {:.2} MiB | {} B | {:.1} s | {:.0} MiB |",
