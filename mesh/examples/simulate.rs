@@ -138,9 +138,10 @@ fn main() {
         let mut sim = Sim::new(options, start);
         let phase = |sim: &Sim, what: &str| {
             eprintln!(
-                "N={n} {what}: {:.0} s wall, RSS {:.0} MiB, {} queued, {} messages, {} connections",
+                "N={n} {what}: {:.0} s wall, peak RSS {:.0} MiB, live heap {:.0} MiB, {} queued, {} messages, {} connections",
                 wall.elapsed().as_secs_f64(),
                 peak_rss_mib(),
+                LIVE.load(Ordering::Relaxed) as f64 / (1 << 20) as f64,
                 sim.queued(),
                 sim.stats().messages,
                 sim.stats().connections
