@@ -7,9 +7,11 @@
 //!
 //! What happens on each input:
 //! - connected: keep one connection per peer (the one dialed by the smaller name; if both were
-//!   dialed by the same side, the newer), update our entry, send our full topology to the new
-//!   neighbour (a restarted peer learns everything at once, cf. weaveworks/weave#2085) and the
-//!   delta to the others.
+//!   dialed by the same side, the newer). An inbound connection we accept is announced at
+//!   once: update our entry, send our full topology to the new neighbour (a restarted peer
+//!   learns everything at once, cf. weaveworks/weave#2085) and the delta to the others. An
+//!   outbound one waits for the remote's first message, which is its acceptance: a dial that
+//!   a peer at its connection limit refuses never touches the topology, so it costs no gossip.
 //! - message: merge; pass the delta on to everyone but the sender (to the sender as well when
 //!   the delta holds our own entry, which happens when the sender held a stale copy of us),
 //!   leaving out entries a neighbour itself sent us recently (duplicate suppression). A digest
@@ -178,6 +180,10 @@ struct Connection {
     nickname: String,
     addr: SocketAddr,
     outbound: bool,
+    /// The remote has accepted the connection: it sent us a message. Until then an outbound
+    /// connection is not announced in our entry and gets no gossip, so a dial the remote
+    /// refuses (at its connection limit) changes nothing anyone else sees.
+    accepted: bool,
 }
 
 /// The mesh control plane of one peer. See the module docs for the call order.
@@ -308,8 +314,20 @@ impl Router {
                 nickname,
                 addr,
                 outbound,
+                accepted: !outbound,
             },
         );
+        if outbound {
+            // Wait for the remote's first message: it may still refuse us (see `accepted`).
+            self.dial_due(now);
+            return;
+        }
+        self.start_gossip(now, conn);
+    }
+
+    /// The connection `conn` is accepted by both ends: announce it and send the remote our
+    /// full state (a restarted peer learns everything at once, cf. weaveworks/weave#2085).
+    fn start_gossip(&mut self, now: Instant, conn: ConnId) {
         let delta = self.update_own_entry();
         self.send(conn, Message::Gossip(self.topology.full_state()));
         self.send(conn, Message::Ipam(Box::new(self.ipam.full_state())));
@@ -381,9 +399,14 @@ impl Router {
 
     /// A message arrived already decoded (in-process transports such as the simulator).
     pub fn handle_decoded(&mut self, now: Instant, conn: ConnId, message: Message) {
-        let Some(from) = self.conns.get(&conn).map(|c| c.peer) else {
+        let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        let from = c.peer;
+        if !c.accepted {
+            c.accepted = true;
+            self.start_gossip(now, conn);
+        }
         match message {
             Message::Gossip(update) => {
                 if update.peers.len() <= HEARD_UPDATE_MAX {
@@ -499,7 +522,7 @@ impl Router {
             self.queue_routes_changed();
         }
         if self.periodic.fire(now) {
-            let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+            let conns: Vec<ConnId> = self.accepted_conns().collect();
             let chosen = gossip::fan_out(&mut self.rng, &conns, gossip::FANOUT);
             let message = Arc::new(self.digest_message(true));
             for conn in chosen {
@@ -667,13 +690,22 @@ impl Router {
     fn flush_ipam(&mut self) {
         if self.ipam.take_changed() {
             let message = Arc::new(Message::Ipam(Box::new(self.ipam.full_state())));
-            for &conn in self.conns.keys() {
+            let conns: Vec<ConnId> = self.accepted_conns().collect();
+            for conn in conns {
                 self.transmits.push_back(Transmit {
                     conn,
                     message: message.clone(),
                 });
             }
         }
+    }
+
+    /// Connections the remote has accepted (see `Connection::accepted`).
+    fn accepted_conns(&self) -> impl Iterator<Item = ConnId> + '_ {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.accepted)
+            .map(|(&conn, _)| conn)
     }
 
     fn close(&mut self, conn: ConnId, reason: String) {
@@ -691,7 +723,8 @@ impl Router {
     /// entries it sent us itself (at that version or newer): it has them already.
     fn send_to_all_except(&mut self, except: Option<ConnId>, update: &TopologyUpdate) {
         let whole = Arc::new(Message::Gossip(update.clone()));
-        for &conn in self.conns.keys() {
+        let conns: Vec<ConnId> = self.accepted_conns().collect();
+        for conn in conns {
             if Some(conn) == except {
                 continue;
             }
@@ -717,6 +750,7 @@ impl Router {
         let connections = self
             .conns
             .values()
+            .filter(|c| c.accepted)
             .map(|c| ConnectionInfo {
                 peer: c.peer,
                 addr: Some(c.addr),

@@ -220,6 +220,30 @@ impl Net {
         self.blocked.clear();
     }
 
+    /// Blocks traffic between `a` and `b` only (a firewall between two hosts).
+    fn block(&mut self, a: usize, b: usize) {
+        self.blocked.insert((a, b));
+    }
+
+    /// Gives node `i` (not yet connected) a connection limit of `limit`.
+    fn set_conn_limit(&mut self, i: usize, limit: usize) {
+        let node = &mut self.nodes[i];
+        let config = RouterConfig {
+            conn_limit: limit,
+            ..config(&node.nickname, node.incarnation, self.discovery)
+        };
+        node.router = Router::new(config, name_of(i), i as u64, self.now);
+    }
+
+    /// Every peer's version of every entry, as `from` sees them.
+    fn versions(&self, from: usize) -> Vec<(PeerName, mesh::Version)> {
+        self.router(from)
+            .topology()
+            .peers()
+            .map(|p| (p.name, p.version))
+            .collect()
+    }
+
     /// Node `i` crashes and starts again (with `incarnation_step` added to its incarnation)
     /// and its user targets.
     fn restart(&mut self, i: usize, incarnation_step: u64) {
@@ -491,6 +515,95 @@ fn discovery_connects_peers_of_peers() {
         assert_eq!(net.router(i).connections().len(), 2, "peer {i}");
     }
     assert_eq!(net.next_hop(B, C), Some(C));
+}
+
+#[test]
+fn peer_behind_one_neighbour_is_reached_by_relay() {
+    // Goal: a peer that only one neighbour can reach (a firewall blocks everyone else) is still
+    // reached by all, relayed through that neighbour, and the others stop dialing it.
+    // Method: A, B and D dial C; a firewall blocks A, B and D from E; E dials D. Discovery
+    // tries E from A, B and C and fails; routes to E go through D, broadcasts too.
+    let mut net = Net::new(5, true);
+    let e = 4;
+    for i in [A, B, C] {
+        net.block(i, e);
+    }
+    net.connect(A, C);
+    net.connect(B, C);
+    net.connect(D, C);
+    net.connect(e, D);
+    net.advance(Duration::from_secs(600));
+
+    net.assert_converged();
+    assert_eq!(net.next_hop(A, e), Some(D));
+    assert_eq!(net.next_hop(C, e), Some(D));
+    assert_eq!(net.next_hop(e, A), Some(D));
+    assert_eq!(
+        net.router(e).connections().len(),
+        1,
+        "E's only neighbour is D"
+    );
+    // D relays broadcasts between E and the rest.
+    assert_eq!(net.router(D).broadcast_all()[&name_of(e)].len(), 3);
+    assert_eq!(
+        net.router(e).broadcast_all()[&name_of(A)],
+        Vec::<PeerName>::new()
+    );
+    // A discovered E's address, failed to reach it, and gave it up.
+    let e_addr = net.nodes[e].addr;
+    assert!(
+        net.router(A).targets().iter().all(|t| t.addr != e_addr),
+        "{:?}",
+        net.router(A).targets()
+    );
+    net.assert_one_connection_per_pair();
+}
+
+#[test]
+fn dial_refused_at_the_connection_limit_changes_no_topology() {
+    // Goal: a peer at its connection limit refuses a peer already in the mesh, and that refused
+    // dial is invisible to everyone else: no entry changes, so no gossip flood per retry.
+    // Method: A has a limit of 1 and connects to B; C connects to B and discovers A. (A
+    // firewall delays C's first dial until A knows C: a peer it can't reach yet is accepted
+    // over the limit, so that newcomers always get in.) C's dials to A are then refused for
+    // a minute while every entry keeps its version.
+    let mut net = Net::new(3, true);
+    net.set_conn_limit(A, 1);
+    net.block(C, A);
+    net.connect(A, B);
+    net.connect(C, B);
+    net.heal();
+    let before = net.versions(B);
+    let messages = net.messages_delivered;
+
+    net.advance(Duration::from_secs(60));
+
+    net.assert_converged();
+    assert_eq!(net.versions(B), before, "a refused dial changed an entry");
+    assert_eq!(net.router(A).connections().len(), 1);
+    assert_eq!(net.next_hop(C, A), Some(B));
+    let a_addr = net.nodes[A].addr;
+    let refused = net
+        .router(C)
+        .targets()
+        .into_iter()
+        .find(|t| t.addr == a_addr);
+    if let Some(t) = refused {
+        // Still retrying (with backoff), or given up: either way it says why.
+        assert!(t.attempts >= 2, "{t:?}");
+        assert!(
+            t.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("connection limit")),
+            "{t:?}"
+        );
+    }
+    // Only periodic digests moved: 3 peers, 2 neighbours at most, 6 intervals, plus answers.
+    let sent = net.messages_delivered - messages;
+    assert!(
+        sent <= 3 * 2 * 6 * 2,
+        "{sent} messages while only dials were refused"
+    );
 }
 
 #[test]

@@ -59,8 +59,9 @@ pub enum Bootstrap {
     RandomTree,
     /// Every peer is given peer 0 as its only user target (one seed address).
     SingleSeed,
-    /// A connected mesh is built directly: every peer has `degree` random links (plus a ring
-    /// for connectivity) and already knows the full topology; for benchmarks at large N.
+    /// A connected mesh is built directly: a ring for connectivity plus random links up to
+    /// `degree` per peer, and every peer already knows the full topology; for benchmarks at
+    /// large N.
     Warm {
         /// Links each peer opens.
         degree: usize,
@@ -367,14 +368,25 @@ impl Sim {
     fn warm_start(&mut self, degree: usize) {
         let n = self.nodes.len();
         let mut pairs = BTreeSet::new();
+        let mut links = vec![0; n];
         for i in 0..n {
-            if n > 1 {
-                pairs.insert((i.min((i + 1) % n), i.max((i + 1) % n)));
+            let j = (i + 1) % n;
+            if j != i && pairs.insert((i.min(j), i.max(j))) {
+                links[i] += 1;
+                links[j] += 1;
             }
-            for _ in 0..degree.saturating_sub(2) / 2 {
+        }
+        // Random links, but nobody above `degree`: a mesh that starts over its peers'
+        // connection limit would spend its first minutes reshaping, not in steady state.
+        for i in 0..n {
+            for _ in 0..degree.saturating_mul(4) {
+                if links[i] >= degree {
+                    break;
+                }
                 let j = self.rng.gen_range(0..n);
-                if j != i {
-                    pairs.insert((i.min(j), i.max(j)));
+                if j != i && links[j] < degree && pairs.insert((i.min(j), i.max(j))) {
+                    links[i] += 1;
+                    links[j] += 1;
                 }
             }
         }
@@ -383,12 +395,25 @@ impl Sim {
                 self.link(a, b);
             }
         }
-        self.net.clear_messages();
+        // Each dialer takes the first message on its connection as the acceptance; an empty
+        // update stands in for the full state the accepting side sent.
+        let now = self.now;
+        let accept = Message::Gossip(TopologyUpdate { peers: Vec::new() });
         for node in &mut self.nodes {
             if let Some(r) = node.router.as_mut() {
-                while r.poll_transmit().is_some() {}
+                let outbound: Vec<ConnId> = r
+                    .connections()
+                    .iter()
+                    .filter(|c| c.outbound)
+                    .map(|c| c.conn)
+                    .collect();
+                for conn in outbound {
+                    r.handle_decoded(now, conn, accept.clone());
+                    while r.poll_transmit().is_some() {}
+                }
             }
         }
+        self.net.clear_messages();
         let all = TopologyUpdate {
             peers: self
                 .nodes
@@ -398,7 +423,6 @@ impl Sim {
                 .collect(),
         };
         let all = Message::Gossip(all);
-        let now = self.now;
         for i in 0..n {
             let Some(r) = self.nodes[i].router.as_mut() else {
                 continue;
@@ -409,6 +433,11 @@ impl Sim {
             while r.poll_transmit().is_some() {}
             self.drain(i);
         }
+    }
+
+    /// Events waiting in the network queue (deliveries, timers, dials), for benchmarks.
+    pub fn queued(&self) -> usize {
+        self.net.len()
     }
 
     /// Current virtual time.

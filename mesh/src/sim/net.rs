@@ -58,6 +58,10 @@ impl Net {
         self.queue.insert((at, self.seq), ev);
     }
 
+    pub(super) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
     pub(super) fn pop(&mut self) -> Option<(Instant, Ev)> {
         self.queue.pop_first().map(|((at, _), ev)| (at, ev))
     }
