@@ -35,6 +35,8 @@ struct SimPeer {
     /// Handed its space over (`meshctl reset`); its allocations go with it.
     leaving: bool,
     down_since: Option<Instant>,
+    /// How often it started: its incarnation, so that peers take its new topology entry.
+    starts: u64,
     /// Container id -> (subnet, address).
     containers: BTreeMap<String, (Option<Cidr>, Ipv4Addr)>,
     pending: Vec<(String, Option<Cidr>)>,
@@ -155,6 +157,7 @@ impl Sim {
             gone: false,
             leaving: false,
             down_since: None,
+            starts: 0,
             containers: BTreeMap::new(),
             pending: Vec::new(),
         });
@@ -172,7 +175,9 @@ impl Sim {
 
     fn start(&mut self, i: usize) {
         let p = &mut self.peers[i];
+        p.starts += 1;
         let config = RouterConfig {
+            incarnation: p.starts,
             discovery: false,
             ipam: IpamConfig {
                 init: p.init.clone(),
@@ -513,7 +518,8 @@ impl Sim {
                 }
             }
             80..=84 if !running.is_empty() => {
-                // Drop one connection; it comes back at the next reconcile.
+                // Drop one connection (messages in flight are lost); it comes back after the
+                // step.
                 let ups: Vec<(usize, usize)> = self.up.keys().copied().collect();
                 if let Some(&(a, b)) = ups.get(self.rng.gen_range(0..ups.len().max(1))) {
                     self.graph.remove(&(a, b));
@@ -699,6 +705,8 @@ fn run(seed: u64) -> Stats {
         if sim.partitioned && sim.now >= sim.partitioned_at + SPLIT_MAX {
             sim.heal();
         }
+        // Dropped connections come back (the daemon redials within seconds).
+        sim.reconcile_links();
     }
     sim.heal_and_converge();
     sim.stats.runs = 1;
