@@ -427,7 +427,10 @@ impl Ipam {
                 .state
                 .records
                 .iter()
-                .filter(|(p, r)| sent.records.get(p) != Some(r))
+                .filter(|(p, r)| match sent.records.get(p) {
+                    Some(s) => s != *r,
+                    None => **r != Record::default(),
+                })
                 .map(|(p, r)| (*p, r.clone()))
                 .collect(),
         };
@@ -680,15 +683,23 @@ impl Ipam {
     /// Hands all our space to `to` (before `meshctl reset`). Returns how many entries moved.
     pub fn hand_over(&mut self, to: PeerName) -> usize {
         let mut moved = 0;
+        // Rings nobody changed yet are not stored (they derive from the genesis): store those
+        // of the universe and of every subnet we allocated in, so that they move too.
+        let mut subnets: BTreeSet<Cidr> = self.allocator.all().map(|(s, _, _)| s).collect();
+        subnets.insert(self.config.universe);
         let mut rings = std::mem::take(&mut self.state.rings);
-        if let Some(universe) = self.ring(self.config.universe) {
-            if !rings.iter().any(|r| r.subnet() == universe.subnet()) {
-                rings.push(universe);
+        for subnet in subnets {
+            if rings.iter().any(|r| r.subnet() == subnet) {
+                continue;
+            }
+            if let Some(ring) = self.ring(subnet) {
+                rings.push(ring);
             }
         }
         for ring in &mut rings {
             moved += ring.transfer(self.me, to);
         }
+        rings.sort_by_key(|r| r.subnet());
         self.state.rings = rings;
         if moved > 0 {
             self.changed = true;
