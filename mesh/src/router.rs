@@ -686,10 +686,11 @@ impl Router {
         self.ipam.poll_event()
     }
 
-    /// Sends our full IPAM state to every neighbour if it changed.
+    /// Sends what changed in our IPAM state to every neighbour (a delta; see
+    /// [`Ipam::take_delta`]).
     fn flush_ipam(&mut self) {
-        if self.ipam.take_changed() {
-            let message = Arc::new(Message::Ipam(Box::new(self.ipam.full_state())));
+        if let Some(delta) = self.ipam.take_delta() {
+            let message = Arc::new(Message::Ipam(Box::new(delta)));
             let conns: Vec<ConnId> = self.accepted_conns().collect();
             for conn in conns {
                 self.transmits.push_back(Transmit {

@@ -21,7 +21,8 @@ pub enum Message {
     /// Topology entries: a delta of what changed, or our full state (to a new neighbour and
     /// periodically). Both merge the same way, so the receiver need not know which it got.
     Gossip(TopologyUpdate),
-    /// IPAM state (always the full state; it merges like a CRDT, see `ipam`).
+    /// IPAM state: what changed, or the full state (to a new neighbour and periodically); both
+    /// merge like a CRDT (see `ipam`).
     Ipam(Box<crate::ipam::IpamUpdate>),
     /// Anti-entropy, sent periodically to a few random neighbours: an 8-byte summary of the
     /// sender's reachable topology ([`crate::Topology::digest`]) and its size. A receiver whose

@@ -124,6 +124,12 @@ impl Ipam {
             if self.state.records[&self.me].claims.done.contains(&x) || !self.owns_space(x) {
                 continue;
             }
+            // Votes are for good, but a claim wins only while its peer is still gone for us: a
+            // peer that came back keeps its space, however the electorate shrinks later.
+            let forced = self.state.records[&self.me].claims.claims[&x];
+            if !self.unreachable_long_enough(now, x, forced) {
+                continue;
+            }
             let electorate = self.electorate(x);
             let votes = electorate
                 .iter()

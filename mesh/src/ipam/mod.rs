@@ -9,8 +9,9 @@
 //! Everything peers need from each other travels as one gossiped [`IpamUpdate`] that merges like
 //! a CRDT: the bootstrap votes ([`Consensus`]), the agreed genesis member list, the rings, and
 //! one [`Record`] per peer (free space, requests for space, reclaim claims and votes), each
-//! written only by its peer. The router floods our full state on every change and sends it to
-//! new neighbours and periodically, so copies converge.
+//! written only by its peer. The router floods what changed ([`Ipam::take_delta`]: whole
+//! rings and records, only those that differ from what we sent before) and sends the full
+//! state to new neighbours and periodically, so copies converge.
 //!
 //! The first allocation in a new mesh needs a genesis: with `consensus=N` the initial peers vote
 //! (`consensus.rs`); with `seed=` it is given; an `observer` waits for one. A blocked caller gets
@@ -254,6 +255,9 @@ pub struct Ipam {
     donated: BTreeSet<(PeerName, u64, Cidr)>,
     conflict: Option<String>,
     next_tick: Instant,
+    /// What our neighbours have heard from us so far (full states and deltas), so that a
+    /// change sends only the rings and records that differ.
+    sent: IpamUpdate,
     changed: bool,
     dirty: bool,
     events: VecDeque<IpamEvent>,
@@ -315,6 +319,7 @@ impl Ipam {
             requests_seen: BTreeMap::new(),
             donated: BTreeSet::new(),
             conflict: None,
+            sent: IpamUpdate::default(),
             changed: true,
             dirty: true,
             events: VecDeque::new(),
@@ -393,9 +398,47 @@ impl Ipam {
         std::mem::take(&mut self.dirty)
     }
 
-    /// True once if others should hear our full state.
-    pub fn take_changed(&mut self) -> bool {
-        std::mem::take(&mut self.changed)
+    /// Once after a change, what others have not heard from us yet: the universe and genesis
+    /// (small, and needed to read rings), the bootstrap votes if they changed, every ring that
+    /// changed (whole: a ring is only safe to merge with every token its writer knew) and every
+    /// record with a newer version. Merges like the full state; neighbours that connect later
+    /// get the full state, and the periodic full state repairs anything lost.
+    pub fn take_delta(&mut self) -> Option<IpamUpdate> {
+        if !std::mem::take(&mut self.changed) {
+            return None;
+        }
+        let sent = std::mem::replace(&mut self.sent, self.state.clone());
+        let delta = IpamUpdate {
+            universe: self.state.universe,
+            consensus: if self.state.consensus != sent.consensus {
+                self.state.consensus.clone()
+            } else {
+                Consensus::default()
+            },
+            genesis: self.state.genesis.clone(),
+            rings: self
+                .state
+                .rings
+                .iter()
+                .filter(|r| !sent.rings.contains(r))
+                .cloned()
+                .collect(),
+            records: self
+                .state
+                .records
+                .iter()
+                .filter(|(p, r)| match sent.records.get(p) {
+                    Some(s) => s != *r,
+                    None => **r != Record::default(),
+                })
+                .map(|(p, r)| (*p, r.clone()))
+                .collect(),
+        };
+        let empty = delta.consensus == Consensus::default()
+            && delta.rings.is_empty()
+            && delta.records.is_empty()
+            && delta.genesis == sent.genesis;
+        (!empty).then_some(delta)
     }
 
     /// The next event, if any.
@@ -640,15 +683,23 @@ impl Ipam {
     /// Hands all our space to `to` (before `meshctl reset`). Returns how many entries moved.
     pub fn hand_over(&mut self, to: PeerName) -> usize {
         let mut moved = 0;
+        // Rings nobody changed yet are not stored (they derive from the genesis): store those
+        // of the universe and of every subnet we allocated in, so that they move too.
+        let mut subnets: BTreeSet<Cidr> = self.allocator.all().map(|(s, _, _)| s).collect();
+        subnets.insert(self.config.universe);
         let mut rings = std::mem::take(&mut self.state.rings);
-        if let Some(universe) = self.ring(self.config.universe) {
-            if !rings.iter().any(|r| r.subnet() == universe.subnet()) {
-                rings.push(universe);
+        for subnet in subnets {
+            if rings.iter().any(|r| r.subnet() == subnet) {
+                continue;
+            }
+            if let Some(ring) = self.ring(subnet) {
+                rings.push(ring);
             }
         }
         for ring in &mut rings {
             moved += ring.transfer(self.me, to);
         }
+        rings.sort_by_key(|r| r.subnet());
         self.state.rings = rings;
         if moved > 0 {
             self.changed = true;
