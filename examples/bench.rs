@@ -376,10 +376,13 @@ fn meshctl(name: &'static str, extra: &[&str]) -> Row {
     }
     let status = a.status_json();
     let peer = &status["peers"][0];
+    let reason = match peer["overlay_reason"].as_str().unwrap_or("") {
+        "" => String::new(),
+        r => format!(" ({r})"),
+    };
     let note = format!(
-        "overlay {} ({}), cipher {}",
+        "overlay {}{reason}, cipher {}",
         peer["overlay"].as_str().unwrap_or("?"),
-        peer["overlay_reason"].as_str().unwrap_or("?"),
         peer["cipher"].as_str().unwrap_or("?"),
     );
     let routers: Vec<i32> = [&a, &b].iter().filter_map(|h| h.daemon_pid()).collect();

@@ -118,7 +118,15 @@ impl RootSide {
     fn run_container(&mut self, suffix: &str, network: &str) -> String {
         let name = format!("{}-{suffix}", self.tag);
         self.containers.push(name.clone());
-        let (ok, out) = docker(&["run", "-d", "--network", network, "--name", &name, TEST_IMAGE]);
+        let (ok, out) = docker(&[
+            "run",
+            "-d",
+            "--network",
+            network,
+            "--name",
+            &name,
+            TEST_IMAGE,
+        ]);
         assert!(ok, "docker run --network {network}: {out}\n{}", self.log());
         name
     }

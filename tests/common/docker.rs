@@ -26,13 +26,7 @@ pub(crate) fn build_test_image(dir: &Path) -> Result<(), String> {
         "FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT [\"/bin/busybox\"]\nCMD [\"sleep\", \"3600\"]\n",
     )
     .map_err(|e| e.to_string())?;
-    let (ok, out) = docker(&[
-        "build",
-        "-q",
-        "-t",
-        TEST_IMAGE,
-        &dir.display().to_string(),
-    ]);
+    let (ok, out) = docker(&["build", "-q", "-t", TEST_IMAGE, &dir.display().to_string()]);
     if ok {
         Ok(())
     } else {

@@ -2,5 +2,5 @@
 //!
 //! Not here: test topologies and assertions, which live in the test files themselves.
 
-pub(crate) mod lab;
 pub(crate) mod docker;
+pub(crate) mod lab;
