@@ -17,8 +17,9 @@
 //! Rows: raw underlay (host to host); kernel VXLAN hand-built with `ip` (vxlan + bridge + veth,
 //! MTU 1450); meshctl fast path (kernel VXLAN chosen by meshctl, no password, `--mtu 1450` like
 //! the hand-built row); the plain sleeve (`--no-fastpath`); the sleeve with ChaCha20-Poly1305 and
-//! with AES-256-GCM (forced with `--cipher`). BENCH_LOSS=1% adds `tc netem loss` on the underlay
-//! of every row.
+//! with AES-256-GCM (forced with `--cipher`). BENCH_LOSS=1% drops that share of the datagrams
+//! host a sends on the underlay, in every row (`tc netem loss`, or an nftables `numgen random`
+//! rule where the kernel lacks netem).
 
 #[path = "../tests/common/lab.rs"]
 mod lab;
@@ -72,30 +73,50 @@ fn run_ip(args: &[&str]) {
     );
 }
 
-/// Adds `tc netem loss` on every underlay link of the lab when BENCH_LOSS is set.
+/// Drops BENCH_LOSS (e.g. `1%`) of the datagrams leaving `host` on the underlay link: `tc netem
+/// loss` where the kernel has netem, else an nftables rule with a random number per packet.
 fn maybe_loss(host: &Host) {
-    if let Ok(loss) = std::env::var("BENCH_LOSS") {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &host.netns,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                "u1",
-                "root",
-            ])
-            .args(["netem", "loss", &loss])
-            .output()
-            .expect("run tc");
-        assert!(
-            out.status.success(),
-            "tc netem: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let Ok(loss) = std::env::var("BENCH_LOSS") else {
+        return;
+    };
+    let netns = ["netns", "exec", host.netns.as_str()];
+    let netem = Command::new("ip")
+        .args(netns)
+        .args([
+            "tc", "qdisc", "add", "dev", "u1", "root", "netem", "loss", &loss,
+        ])
+        .output()
+        .expect("run tc");
+    if netem.status.success() {
+        return;
     }
+    let percent: u32 = loss
+        .trim_end_matches('%')
+        .parse()
+        .unwrap_or_else(|_| panic!("BENCH_LOSS={loss:?}: write a whole percentage, e.g. 1%"));
+    let script = format!(
+        "add table inet benchloss\n\
+         add chain inet benchloss out {{ type filter hook output priority 0; }}\n\
+         add rule inet benchloss out oifname \"u1\" numgen random mod 100 < {percent} drop\n"
+    );
+    let mut nft = Command::new("ip")
+        .args(netns)
+        .args(["nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    use std::io::Write as _;
+    nft.stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(script.as_bytes())
+        .expect("write nft script");
+    let status = nft.wait().expect("wait for nft");
+    assert!(
+        status.success(),
+        "neither tc netem ({}) nor nft could add loss",
+        String::from_utf8_lossy(&netem.stderr).trim()
+    );
 }
 
 /// Runs iperf3 with `args` from netns `client` to `server_ip` and picks the result out of its
