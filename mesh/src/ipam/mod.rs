@@ -830,12 +830,24 @@ impl Ipam {
                     .filter(|p| !heard.contains(p))
                     .map(|p| p.to_string())
                     .collect();
-                let mut s = format!(
-                    "waiting for the initial peers to agree on the first ring (--ipalloc-init consensus={n}): \
-                     {quorum} of {n} must take part; heard from {}: {}",
-                    heard.len(),
-                    names(&heard)
-                );
+                // Nothing asked for an address yet: the peers agree on the ring at the first
+                // allocation, anywhere in the mesh. Say so rather than look stuck.
+                let idle = !self.wanting && self.ballot.is_none() && heard.len() >= quorum;
+                let mut s = if idle {
+                    format!(
+                        "no address asked for yet: the initial peers agree on the first ring at the first allocation \
+                         (--ipalloc-init consensus={n}); enough of them are present, heard from {}: {}",
+                        heard.len(),
+                        names(&heard)
+                    )
+                } else {
+                    format!(
+                        "waiting for the initial peers to agree on the first ring (--ipalloc-init consensus={n}): \
+                         {quorum} of {n} must take part; heard from {}: {}",
+                        heard.len(),
+                        names(&heard)
+                    )
+                };
                 if heard.len() < quorum {
                     s += &format!(
                         "; missing {} more peer(s): launch them, connect them (`meshctl connect`), \
