@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::docker::{build_test_image, docker, TEST_IMAGE};
+use common::docker::{bridge_rule, build_test_image, docker, remove_router_leftovers, TEST_IMAGE};
 use common::lab::{self, Lab, WAIT_MAX};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,26 +44,7 @@ impl RootSide {
     }
 
     fn rule_present(&self) -> bool {
-        Command::new("iptables")
-            .args([
-                "-w",
-                "5",
-                "-C",
-                "FORWARD",
-                "-i",
-                &self.bridge,
-                "-o",
-                &self.bridge,
-            ])
-            .args([
-                "-m",
-                "comment",
-                "--comment",
-                &format!("meshctl bridge {}", self.bridge),
-            ])
-            .args(["-j", "ACCEPT"])
-            .output()
-            .is_ok_and(|o| o.status.success())
+        bridge_rule(&self.bridge, "-C")
     }
 }
 
@@ -86,29 +67,8 @@ impl Drop for RootSide {
                 );
             }
         }
-        // The router removes its TAP and VXLAN ports on stop; after a hard kill they are left.
-        for link in [
-            format!("{}-vx", self.bridge),
-            format!("{}-tap", self.bridge),
-            self.bridge.clone(),
-        ] {
-            let _ = Command::new("ip").args(["link", "del", &link]).output();
-        }
-        let comment = format!("meshctl bridge {}", self.bridge);
-        let rule = [
-            "FORWARD",
-            "-i",
-            &self.bridge,
-            "-o",
-            &self.bridge,
-            "-m",
-            "comment",
-            "--comment",
-            &comment,
-            "-j",
-            "ACCEPT",
-        ];
-        while lab::run_cmd("iptables", &[&["-w", "5", "-D"][..], &rule[..]].concat()).0 {}
+        // The router removes its TAP and VXLAN ports and its rule on stop; not after a hard kill.
+        remove_router_leftovers(&self.bridge);
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

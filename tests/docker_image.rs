@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::docker::{build_test_image, TEST_IMAGE};
+use common::docker::{bridge_rule, build_test_image, remove_router_leftovers, TEST_IMAGE};
 use common::lab::{self, Lab, WAIT_MAX};
 use std::path::PathBuf;
 use std::process::Command;
@@ -82,24 +82,7 @@ impl RootSide {
 impl RootSide {
     /// The router's FORWARD rule for its bridge (iptables on the host, nft backend).
     fn rule(&self, op: &str) -> bool {
-        let comment = format!("meshctl bridge {}", self.bridge);
-        let args = [
-            "-w",
-            "5",
-            op,
-            "FORWARD",
-            "-i",
-            &self.bridge,
-            "-o",
-            &self.bridge,
-            "-m",
-            "comment",
-            "--comment",
-            &comment,
-            "-j",
-            "ACCEPT",
-        ];
-        run("iptables", &args).0
+        bridge_rule(&self.bridge, op)
     }
 }
 
@@ -111,15 +94,8 @@ impl Drop for RootSide {
         }
         let _ = run("docker", &["stop", "-t", "10", &self.container]);
         let _ = run("docker", &["rm", "-f", &self.container]);
-        while self.rule("-C") && self.rule("-D") {}
-        // The router removes its TAP and VXLAN ports on stop; after a hard kill they are left.
-        for link in [
-            format!("{}-vx", self.bridge),
-            format!("{}-tap", self.bridge),
-            self.bridge.clone(),
-        ] {
-            let _ = run("ip", &["link", "del", &link]);
-        }
+        // The router removes its TAP and VXLAN ports and its rule on stop; not after a hard kill.
+        remove_router_leftovers(&self.bridge);
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

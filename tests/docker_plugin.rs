@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::docker::{build_test_image, docker, TEST_IMAGE};
+use common::docker::{build_test_image, docker, remove_router_leftovers, TEST_IMAGE};
 use common::lab::{self, Lab, WAIT_MAX};
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
@@ -168,29 +168,8 @@ impl Drop for RootSide {
         for l in &self.netns_links {
             let _ = std::fs::remove_file(l);
         }
-        // The router removes its TAP and VXLAN ports on stop; after a hard kill they are left.
-        for link in [
-            format!("{}-vx", self.bridge),
-            format!("{}-tap", self.bridge),
-            self.bridge.clone(),
-        ] {
-            let _ = Command::new("ip").args(["link", "del", &link]).output();
-        }
-        let comment = format!("meshctl bridge {}", self.bridge);
-        let rule = [
-            "FORWARD",
-            "-i",
-            &self.bridge,
-            "-o",
-            &self.bridge,
-            "-m",
-            "comment",
-            "--comment",
-            &comment,
-            "-j",
-            "ACCEPT",
-        ];
-        while lab::run_cmd("iptables", &[&["-w", "5", "-D"][..], &rule[..]].concat()).0 {}
+        // The router removes its TAP and VXLAN ports and its rule on stop; not after a hard kill.
+        remove_router_leftovers(&self.bridge);
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }

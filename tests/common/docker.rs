@@ -33,3 +33,39 @@ pub(crate) fn build_test_image(dir: &Path) -> Result<(), String> {
         Err(out)
     }
 }
+
+/// Runs `iptables -w 5 OP FORWARD ...` for the rule a router on the root namespace's `bridge`
+/// inserts (`-C` checks it, `-D` deletes it); true if iptables succeeded.
+pub(crate) fn bridge_rule(bridge: &str, op: &str) -> bool {
+    let comment = format!("meshctl bridge {bridge}");
+    let args = [
+        "-w",
+        "5",
+        op,
+        "FORWARD",
+        "-i",
+        bridge,
+        "-o",
+        bridge,
+        "-m",
+        "comment",
+        "--comment",
+        &comment,
+        "-j",
+        "ACCEPT",
+    ];
+    lab::run_cmd("iptables", &args).0
+}
+
+/// Removes what a root-namespace router on `bridge` leaves when it is killed hard: its TAP and
+/// VXLAN ports, the bridge, and its FORWARD rule (every copy).
+pub(crate) fn remove_router_leftovers(bridge: &str) {
+    for link in [
+        format!("{bridge}-vx"),
+        format!("{bridge}-tap"),
+        bridge.to_string(),
+    ] {
+        let _ = lab::run_cmd("ip", &["link", "del", &link]);
+    }
+    while bridge_rule(bridge, "-C") && bridge_rule(bridge, "-D") {}
+}
