@@ -11,10 +11,11 @@
 
 mod common;
 
-use common::docker::{bridge_rule, build_test_image, docker, remove_router_leftovers, TEST_IMAGE};
+use common::docker::{
+    bridge_rule, build_test_image, docker, remove_router_leftovers, root_meshctl, TEST_IMAGE,
+};
 use common::lab::{self, Lab, WAIT_MAX};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Everything this test adds to the root namespace; dropped last.
 struct RootSide {
@@ -25,22 +26,7 @@ struct RootSide {
 
 impl RootSide {
     fn meshctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(lab::meshctl_bin())
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .args(args)
-            .env_remove("MESHCTL_SOCKET")
-            .env_remove("MESHCTL_PASSWORD")
-            .output()
-            .expect("run meshctl");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        root_meshctl(&self.state_dir, args)
     }
 
     fn rule_present(&self) -> bool {

@@ -13,7 +13,9 @@
 
 mod common;
 
-use common::docker::{bridge_rule, build_test_image, remove_router_leftovers, TEST_IMAGE};
+use common::docker::{
+    bridge_rule, build_test_image, remove_router_leftovers, root_meshctl, TEST_IMAGE,
+};
 use common::lab::{self, Lab, WAIT_MAX};
 use std::path::PathBuf;
 use std::process::Command;
@@ -35,10 +37,7 @@ struct RootSide {
 impl RootSide {
     /// Runs the host's `meshctl` against the containerized router (through its state volume).
     fn meshctl(&self, args: &[&str]) -> (bool, String) {
-        let dir = self.state_dir.display().to_string();
-        let mut full = vec!["--state-dir", dir.as_str()];
-        full.extend_from_slice(args);
-        lab::run_cmd(&lab::meshctl_bin().display().to_string(), &full)
+        root_meshctl(&self.state_dir, args)
     }
 
     fn status(&self) -> serde_json::Value {

@@ -15,12 +15,11 @@
 
 mod common;
 
-use common::docker::{build_test_image, docker, remove_router_leftovers, TEST_IMAGE};
+use common::docker::{build_test_image, docker, remove_router_leftovers, root_meshctl, TEST_IMAGE};
 use common::lab::{self, Lab, WAIT_MAX};
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Everything the test adds to the root namespace; dropped before the lab.
 struct RootSide {
@@ -36,22 +35,7 @@ struct RootSide {
 
 impl RootSide {
     fn meshctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(lab::meshctl_bin())
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .args(args)
-            .env_remove("MESHCTL_SOCKET")
-            .env_remove("MESHCTL_PASSWORD")
-            .output()
-            .expect("run meshctl");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        root_meshctl(&self.state_dir, args)
     }
 
     fn launch(&self) {

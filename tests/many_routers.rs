@@ -14,7 +14,6 @@
 mod common;
 
 use common::lab::{self, Host, Lab};
-use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -22,17 +21,6 @@ const ROUTERS: usize = 20;
 const KILLED: usize = 5;
 /// Transport idle timeout (6 s) plus gossip and route computation, with room for a busy CI.
 const RECONVERGE_MAX: Duration = Duration::from_secs(30);
-
-/// Nicknames of peers `status` shows as reachable.
-fn reachable(status: &Value) -> BTreeSet<String> {
-    status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["reachable"].as_bool() == Some(true))
-        .filter_map(|p| p["nickname"].as_str().map(str::to_owned))
-        .collect()
-}
 
 fn rss_kib(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -43,7 +31,7 @@ fn rss_kib(pid: i32) -> Option<u64> {
 fn all_see(hosts: &[&Host], expected: impl Fn(&Host) -> BTreeSet<String>) -> bool {
     hosts
         .iter()
-        .all(|h| reachable(&h.status_json()) == expected(h))
+        .all(|h| lab::reachable_nicknames(&h.status_json()) == expected(h))
 }
 
 #[test]
@@ -70,7 +58,13 @@ fn twenty_routers_converge_from_one_seed_and_route_around_five_killed() {
     });
     let report: Vec<String> = hosts
         .iter()
-        .map(|h| format!("{}: {:?}", h.name, reachable(&h.status_json()).len()))
+        .map(|h| {
+            format!(
+                "{}: {:?}",
+                h.name,
+                lab::reachable_nicknames(&h.status_json()).len()
+            )
+        })
         .collect();
     assert!(
         converged,
@@ -104,7 +98,13 @@ fn twenty_routers_converge_from_one_seed_and_route_around_five_killed() {
     });
     let report: Vec<String> = survivors
         .iter()
-        .map(|h| format!("{}: {:?}", h.name, reachable(&h.status_json())))
+        .map(|h| {
+            format!(
+                "{}: {:?}",
+                h.name,
+                lab::reachable_nicknames(&h.status_json())
+            )
+        })
         .collect();
     assert!(
         reconverged,

@@ -15,27 +15,15 @@
 mod common;
 
 use common::lab::{self, Host, Lab};
-use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::Duration;
-
-/// Nicknames of peers `status` shows as reachable.
-fn reachable(status: &Value) -> BTreeSet<String> {
-    status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["reachable"].as_bool() == Some(true))
-        .filter_map(|p| p["nickname"].as_str().map(str::to_owned))
-        .collect()
-}
 
 fn sees(h: &Host, want: &BTreeSet<String>) -> bool {
     wait_reachable(h, want, Duration::from_secs(30))
 }
 
 fn wait_reachable(h: &Host, want: &BTreeSet<String>, max: Duration) -> bool {
-    lab::wait_for(max, || reachable(&h.status_json()) == *want)
+    lab::wait_for(max, || lab::reachable_nicknames(&h.status_json()) == *want)
 }
 
 #[test]
@@ -56,7 +44,7 @@ fn resumed_router_reconnects_to_targets_given_before_the_restart() {
     assert!(
         sees(&b, &both),
         "before the restart gsb sees {:?}\nlog:\n{}",
-        reachable(&b.status_json()),
+        lab::reachable_nicknames(&b.status_json()),
         b.log_tail(30)
     );
 
@@ -66,7 +54,7 @@ fn resumed_router_reconnects_to_targets_given_before_the_restart() {
     assert!(
         sees(&b, &both),
         "after `launch --resume` gsb sees {:?}\nlog:\n{}",
-        reachable(&b.status_json()),
+        lab::reachable_nicknames(&b.status_json()),
         b.log_tail(30)
     );
 }

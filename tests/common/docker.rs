@@ -69,3 +69,24 @@ pub(crate) fn remove_router_leftovers(bridge: &str) {
     }
     while bridge_rule(bridge, "-C") && bridge_rule(bridge, "-D") {}
 }
+
+/// Runs the host's `meshctl --state-dir STATE_DIR ARGS` against a router in the root namespace
+/// (on the host or in a container with that state dir as its volume); (success, stdout+stderr).
+pub(crate) fn root_meshctl(state_dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(lab::meshctl_bin())
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args)
+        .env_remove("MESHCTL_SOCKET")
+        .env_remove("MESHCTL_PASSWORD")
+        .output()
+        .expect("run meshctl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

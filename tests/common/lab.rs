@@ -64,6 +64,19 @@ fn require_programs() {
     }
 }
 
+/// Nicknames of the peers a `status --json` document shows as reachable.
+pub(crate) fn reachable_nicknames(
+    status: &serde_json::Value,
+) -> std::collections::BTreeSet<String> {
+    status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["reachable"].as_bool() == Some(true))
+        .filter_map(|p| p["nickname"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// Polls `cond` every 50 ms until it holds (true) or `deadline` has passed (false).
 pub(crate) fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
