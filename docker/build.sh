@@ -43,5 +43,14 @@ if [ "${MESHCTL_IMAGE_IPTABLES:-1}" = 1 ] && [ -x /usr/sbin/xtables-nft-multi ] 
 else
   echo "warning: no iptables on this host; the image can't add its FORWARD rule on Docker hosts" >&2
 fi
+# nft for the per-peer counters of the VXLAN fast path (`peers[].traffic.vxlan`); without it the
+# image works and status says that VXLAN traffic is not counted.
+if [ "${MESHCTL_IMAGE_IPTABLES:-1}" = 1 ] && [ -x /usr/sbin/nft ]; then
+  cp --parents /usr/sbin/nft "$ctx/rootfs"
+  ldd /usr/sbin/nft | grep -o '/[^ ]*' | while read -r lib; do cp --parents -L "$lib" "$ctx/rootfs"; done
+  echo "adding nft from this host"
+else
+  echo "warning: no nft on this host; the image can't count VXLAN traffic per peer" >&2
+fi
 docker build -q -t "$tag" "$ctx" >/dev/null
 echo "built $tag from $bin"

@@ -12,26 +12,35 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::sync::{mpsc, oneshot};
 
+use std::sync::Arc;
+
 use crate::api::server::Call;
-use crate::api::types::Status;
+use crate::api::types::{Status, TrafficCounts};
+use crate::kernel::nft::VxlanCounters;
 
 /// Serves `/metrics` until the listener fails or the task is dropped.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     calls: mpsc::Sender<Call>,
+    vxlan_counters: Arc<VxlanCounters>,
 ) -> std::io::Result<()> {
     let app = axum::Router::new()
         .route("/metrics", get(metrics))
-        .with_state(calls);
+        .with_state((calls, vxlan_counters));
     axum::serve(listener, app).await
 }
 
-async fn metrics(State(calls): State<mpsc::Sender<Call>>) -> impl IntoResponse {
+async fn metrics(
+    State((calls, vxlan_counters)): State<(mpsc::Sender<Call>, Arc<VxlanCounters>)>,
+) -> impl IntoResponse {
     let (tx, rx) = oneshot::channel();
-    let status = match calls.send(Call::Status(tx)).await {
+    let mut status = match calls.send(Call::Status(tx)).await {
         Ok(()) => rx.await.ok(),
         Err(_) => None,
     };
+    if let Some(status) = &mut status {
+        vxlan_counters.fill(status).await;
+    }
     match status {
         Some(status) => (
             StatusCode::OK,
@@ -143,6 +152,7 @@ pub(crate) fn render(s: &Status) -> String {
     }
 
     render_links(&mut out, s);
+    render_traffic(&mut out, s);
 
     let mut counts: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
     for c in &s.connections {
@@ -348,6 +358,47 @@ fn render_links(out: &mut String, s: &Status) {
     }
 }
 
+/// Frames exchanged with every peer end to end, by overlay and direction.
+fn render_traffic(out: &mut String, s: &Status) {
+    type Pick = fn(&TrafficCounts) -> (u64, u64);
+    let families: [(&'static str, &str, Pick); 2] = [
+        (
+            "meshctl_peer_traffic_packets_total",
+            "Ethernet frames exchanged with a peer's containers, direct or relayed, by overlay (vxlan: nftables counters, present when counted).",
+            |c| (c.rx_packets, c.tx_packets),
+        ),
+        (
+            "meshctl_peer_traffic_bytes_total",
+            "Bytes of those frames, by overlay.",
+            |c| (c.rx_bytes, c.tx_bytes),
+        ),
+    ];
+    for (name, help, pick) in families {
+        let mut f = family(out, name, "counter", help);
+        for p in &s.peers {
+            let overlays = [
+                ("sleeve", Some(p.traffic.sleeve)),
+                ("vxlan", p.traffic.vxlan),
+            ];
+            for (overlay, counts) in overlays {
+                let Some(counts) = counts else { continue };
+                let (rx, tx) = pick(&counts);
+                for (direction, v) in [("rx", rx), ("tx", tx)] {
+                    f.sample(
+                        &[
+                            ("peer", &p.name),
+                            ("nickname", &p.nickname),
+                            ("overlay", overlay),
+                            ("direction", direction),
+                        ],
+                        v,
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Owned, used and free addresses per subnet and owner.
 fn render_ipam(out: &mut String, s: &Status) {
     let mut f = family(
@@ -376,7 +427,7 @@ mod tests {
     use super::*;
     use crate::api::types::{
         ConnectionStatus, DnsStatus, IpamOwner, IpamStatus, IpamSubnet, LinkStatus, PeerStatus,
-        SleeveStatus,
+        PeerTraffic, SleeveStatus,
     };
 
     #[test]
@@ -434,7 +485,19 @@ mod tests {
                     drops: [("replayed".to_string(), 4)].into_iter().collect(),
                     ..Default::default()
                 }),
+                vxlan_endpoint: Some("10.0.0.2:6785".into()),
+                traffic: PeerTraffic {
+                    sleeve: TrafficCounts {
+                        rx_packets: 5,
+                        ..Default::default()
+                    },
+                    vxlan: Some(TrafficCounts {
+                        tx_bytes: 9000,
+                        ..Default::default()
+                    }),
+                },
             }],
+            vxlan_counting: "nftables table ip meshctl_mesh".into(),
             connections: vec![ConnectionStatus {
                 address: "10.0.0.2:6783".into(),
                 direction: "outbound".into(),
@@ -481,6 +544,8 @@ mod tests {
             "meshctl_peer_drops_total{peer=\"11:22:33:44:55:66\",nickname=\"b\",reason=\"replayed\"} 4",
             "meshctl_dns_queries_total{outcome=\"answered\"} 7",
             "meshctl_gossip_bytes_total{direction=\"rx\"} 0",
+            "meshctl_peer_traffic_packets_total{peer=\"11:22:33:44:55:66\",nickname=\"b\",overlay=\"sleeve\",direction=\"rx\"} 5",
+            "meshctl_peer_traffic_bytes_total{peer=\"11:22:33:44:55:66\",nickname=\"b\",overlay=\"vxlan\",direction=\"tx\"} 9000",
         ] {
             assert!(text.contains(sample), "no {sample} in\n{text}");
         }

@@ -152,22 +152,38 @@ fn status_peers_shows_overlay_path_rtt_and_traffic_that_grows_with_a_ping() {
         let link = &peer(s, "stb").map_or(&Value::Null, |p| &p["link"]);
         ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes"].map(|k| link[k].as_u64().unwrap_or(0))
     };
+    // End to end, per peer: frames between our containers and stc's, though stb relays them.
+    let to_c = |s: &Value| -> [u64; 4] {
+        let sleeve = &peer(s, "stc").map_or(&Value::Null, |p| &p["traffic"]["sleeve"]);
+        ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes"]
+            .map(|k| sleeve[k].as_u64().unwrap_or(0))
+    };
     let before = counters(&last);
+    let before_c = to_c(&last);
 
     assert!(
         lab::wait_for(WAIT_MAX, || lab::ping(&line.ca.netns, CC_IP)),
         "csta cannot ping cstc through stb:{}",
         lab.report()
     );
-    let mut after = before;
+    let (mut after, mut after_c) = (before, before_c);
     let grew = lab::wait_for(WAIT_MAX, || {
-        after = counters(&a.status_json());
+        let now = a.status_json();
+        after = counters(&now);
+        after_c = to_c(&now);
         after.iter().zip(&before).all(|(n, b)| n > b)
+            && after_c.iter().zip(&before_c).all(|(n, b)| n > b)
     });
     assert!(
         grew,
-        "stb's rx/tx packets/bytes on sta did not all grow after a ping: before {before:?}, after {after:?}{}",
+        "after a ping, on sta: stb's link counters went {before:?} -> {after:?}, \
+         stc's end-to-end traffic {before_c:?} -> {after_c:?} (all should grow){}",
         lab.report()
+    );
+    // An echo and its reply are 98-byte frames: at least one each way reached stc.
+    assert!(
+        after_c[1] - before_c[1] >= 98 && after_c[3] - before_c[3] >= 98,
+        "stc's traffic bytes grew by less than one echo: {before_c:?} -> {after_c:?}"
     );
 
     let text = run(lab, a, &["status", "peers"]);
@@ -207,6 +223,14 @@ fn status_peers_shows_overlay_path_rtt_and_traffic_that_grows_with_a_ping() {
     assert_eq!(rc["VIA"], "stb", "{text}");
     assert_eq!(rc["OVERLAY"], "sleeve", "{text}");
     assert_eq!(rc["RTT"], "-", "{text}");
+    for col in ["RX BYTES / PKTS", "TX BYTES / PKTS"] {
+        let packets: u64 = rc[col]
+            .rsplit(" / ")
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{col} of stc: {:?}\n{text}", rc[col]));
+        assert!(packets >= 1, "{col} of relayed stc counts nothing:\n{text}");
+    }
 
     // The other sections, one at a time and all together.
     let text = run(lab, &line.c, &["status", "targets"]);
@@ -367,13 +391,13 @@ fn report_is_json_with_every_documented_field() {
 }
 
 /// Goal: for a peer on the kernel VXLAN fast path, status still measures the link (RTT, path
-/// MTU, key age) but says plainly that per-peer traffic is not counted there, instead of showing
-/// a misleading zero. Method: sta and stb without a password (so they pick VXLAN); once stb is on
-/// `vxlan`, its `link` has an RTT and `null` sleeve counters, and the table shows `vxlan` in the
-/// traffic columns.
+/// MTU, key age) and counts the traffic with that peer, although no frame of it passes through
+/// the router. Method: sta and stb without a password (so they pick VXLAN), a container on each;
+/// once stb is on `vxlan`, 20 pings between the containers must show up in sta's
+/// `traffic.vxlan` for stb (nftables counters) in both directions and in the table's columns.
 #[test]
-fn status_on_vxlan_measures_the_link_but_leaves_traffic_null() {
-    if lab::skip_unless_root("status_on_vxlan_measures_the_link_but_leaves_traffic_null") {
+fn status_on_vxlan_measures_the_link_and_counts_traffic_in_the_kernel() {
+    if lab::skip_unless_root("status_on_vxlan_measures_the_link_and_counts_traffic_in_the_kernel") {
         return;
     }
     let lab = Lab::new();
@@ -394,12 +418,49 @@ fn status_on_vxlan_measures_the_link_but_leaves_traffic_null() {
         lab.report()
     );
     let link = &peer(&last, "stb").unwrap()["link"];
-    for key in ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes"] {
-        assert!(link[key].is_null(), "link.{key} on vxlan: {link:#}");
-    }
     assert!(
         link["path_mtu_bytes"].as_u64().is_some_and(|m| m >= 1200),
         "{link:#}"
+    );
+    assert!(
+        last["vxlan_counting"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("nftables table ip ")),
+        "vxlan_counting: {}",
+        last["vxlan_counting"]
+    );
+
+    let (ca, cb) = (lab.container(&a), lab.container(&b));
+    a.attach(&ca, &format!("{CA_IP}/24"));
+    b.attach(&cb, &format!("{CC_IP}/24"));
+    assert!(
+        lab::wait_for(WAIT_MAX, || lab::ping(&ca.netns, CC_IP)),
+        "csta cannot ping cstb over vxlan:{}",
+        lab.report()
+    );
+    let vxlan = |s: &Value| -> [u64; 4] {
+        let v = &peer(s, "stb").map_or(&Value::Null, |p| &p["traffic"]["vxlan"]);
+        ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes"].map(|k| v[k].as_u64().unwrap_or(0))
+    };
+    let before = vxlan(&a.status_json());
+    let ping = std::process::Command::new("ip")
+        .args(["netns", "exec", &ca.netns, "ping", "-c", "20", "-i", "0.02"])
+        .args(["-W", "1", "-q", &CC_IP.to_string()])
+        .output()
+        .expect("run ping");
+    assert!(ping.status.success(), "20 pings csta -> cstb failed");
+    let now = a.status_json();
+    let after = vxlan(&now);
+    assert_eq!(
+        peer(&now, "stb").unwrap()["overlay"],
+        "vxlan",
+        "stb left vxlan during the pings:\n{now:#}"
+    );
+    let grew: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    // 20 echoes each way, 98 bytes of Ethernet frame each (encapsulation not counted).
+    assert!(
+        grew[0] >= 20 && grew[2] >= 20 && grew[1] >= 20 * 98 && grew[3] >= 20 * 98,
+        "stb's traffic.vxlan on sta grew by {grew:?} (rx pkts, rx bytes, tx pkts, tx bytes) for 20 pings:\n{now:#}"
     );
     let text = run(&lab, &a, &["status", "peers"]);
     let rows = parse_table(&text, "NAME");
@@ -408,7 +469,13 @@ fn status_on_vxlan_measures_the_link_but_leaves_traffic_null() {
         .find(|r| r["NICKNAME"] == "stb")
         .unwrap_or_else(|| panic!("no stb row:\n{text}"));
     assert_eq!(rb["OVERLAY"], "vxlan", "{text}");
-    assert_eq!(rb["RX BYTES / PKTS"], "vxlan", "{text}");
-    assert_eq!(rb["TX BYTES / PKTS"], "vxlan", "{text}");
+    for col in ["RX BYTES / PKTS", "TX BYTES / PKTS"] {
+        let packets: u64 = rb[col]
+            .rsplit(" / ")
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{col} of stb: {:?}\n{text}", rb[col]));
+        assert!(packets >= 20, "{col} of stb on vxlan:\n{text}");
+    }
     assert!(rb["RTT"].ends_with("ms"), "{text}");
 }

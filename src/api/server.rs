@@ -71,6 +71,8 @@ pub(crate) struct ApiState {
     pub(crate) dns: Arc<crate::dns::Service>,
     /// Containers on the bridge (`meshctl ps`, release on exit).
     pub(crate) containers: Arc<crate::plugin::containers::Registry>,
+    /// Per-peer counters of the VXLAN fast path, read into each status.
+    pub(crate) vxlan_counters: Arc<crate::kernel::nft::VxlanCounters>,
 }
 
 /// The IPAM key of the host's own address on the mesh (`meshctl expose` without CIDR).
@@ -134,7 +136,9 @@ async fn ask<T>(
 }
 
 async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError> {
-    Ok(Json(ask(&state, Call::Status).await?))
+    let mut status = ask(&state, Call::Status).await?;
+    state.vxlan_counters.fill(&mut status).await;
+    Ok(Json(status))
 }
 
 async fn connect(

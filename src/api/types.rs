@@ -32,6 +32,10 @@ pub(crate) struct Status {
     /// Container names and the embedded name server (`meshctl status dns`).
     #[serde(default)]
     pub(crate) dns: Option<DnsStatus>,
+    /// Where `peers[].traffic.vxlan` comes from (`nftables table ip meshctl_BRIDGE`), or
+    /// `none: ` and why it is missing.
+    #[serde(default)]
+    pub(crate) vxlan_counting: String,
 }
 
 /// The name service: what it answers for, where, and every live name in the mesh.
@@ -189,6 +193,48 @@ pub(crate) struct PeerStatus {
     /// Measurements of the direct connection; `None` unless directly connected.
     #[serde(default)]
     pub(crate) link: Option<LinkStatus>,
+    /// Where its VXLAN device listens (`IP:port`), when it is a direct neighbour that offers
+    /// the fast path.
+    #[serde(default)]
+    pub(crate) vxlan_endpoint: Option<String>,
+    /// Ethernet frames exchanged with it end to end, direct or relayed, by overlay.
+    #[serde(default)]
+    pub(crate) traffic: PeerTraffic,
+}
+
+/// [`PeerStatus::traffic`]: frames between this host's containers and the peer's, counted at
+/// the ends of the path (frames we relay for others are not in here).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct PeerTraffic {
+    /// Over the sleeve, counted by the router as frames enter and leave the TAP.
+    pub(crate) sleeve: TrafficCounts,
+    /// Over kernel VXLAN, counted by nftables per remote endpoint; `None` when there is no
+    /// endpoint or no counters (`Status::vxlan_counting` says why).
+    pub(crate) vxlan: Option<TrafficCounts>,
+}
+
+impl PeerTraffic {
+    /// Both overlays together.
+    pub(crate) fn total(&self) -> TrafficCounts {
+        let v = self.vxlan.unwrap_or_default();
+        let s = self.sleeve;
+        TrafficCounts {
+            rx_packets: s.rx_packets + v.rx_packets,
+            rx_bytes: s.rx_bytes + v.rx_bytes,
+            tx_packets: s.tx_packets + v.tx_packets,
+            tx_bytes: s.tx_bytes + v.tx_bytes,
+        }
+    }
+}
+
+/// Packets and bytes each way. Bytes are Ethernet frame bytes; a super-frame the kernel hands
+/// over in one piece (GSO) counts once on VXLAN and once per segment on the sleeve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TrafficCounts {
+    pub(crate) rx_packets: u64,
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_packets: u64,
+    pub(crate) tx_bytes: u64,
 }
 
 /// [`PeerStatus::link`]: what we measure on a direct connection to a peer.

@@ -145,10 +145,12 @@ fn render_peers(s: &Status) -> String {
         .iter()
         .map(|p| {
             let link = p.link.as_ref();
-            let traffic = |packets: Option<u64>, b: Option<u64>| match (packets, b) {
-                (Some(n), Some(b)) => format!("{} / {n}", bytes(b)),
-                _ if link.is_some() => "vxlan".to_string(),
-                _ => dash(),
+            let total = p.traffic.total();
+            // On VXLAN without kernel counters, the sleeve's share alone would understate it.
+            let uncounted = p.overlay.as_deref() == Some("vxlan") && p.traffic.vxlan.is_none();
+            let traffic = |packets: u64, b: u64| {
+                let mark = if uncounted { " +vxlan?" } else { "" };
+                format!("{} / {packets}{mark}", bytes(b))
             };
             vec![
                 p.name.clone(),
@@ -169,14 +171,8 @@ fn render_peers(s: &Status) -> String {
                 link.map_or_else(dash, |l| format!("{:.1}%", l.loss_ratio * 100.0)),
                 p.mtu.map_or_else(dash, |m| m.to_string()),
                 link.map_or_else(dash, |l| l.path_mtu_bytes.to_string()),
-                traffic(
-                    link.and_then(|l| l.rx_packets),
-                    link.and_then(|l| l.rx_bytes),
-                ),
-                traffic(
-                    link.and_then(|l| l.tx_packets),
-                    link.and_then(|l| l.tx_bytes),
-                ),
+                traffic(total.rx_packets, total.rx_bytes),
+                traffic(total.tx_packets, total.tx_bytes),
                 link.map_or_else(dash, |l| duration(l.key_age_secs)),
                 p.cipher.clone().unwrap_or_else(dash),
                 p.overlay_reason.clone(),
@@ -203,6 +199,16 @@ fn render_peers(s: &Status) -> String {
             ],
             &rows,
         )
+        + &match s.vxlan_counting.strip_prefix("none: ") {
+            Some(why)
+                if s.peers
+                    .iter()
+                    .any(|p| p.overlay.as_deref() == Some("vxlan")) =>
+            {
+                format!("VXLAN traffic is not counted per peer: {why}\n")
+            }
+            _ => String::new(),
+        }
 }
 
 fn render_connections(s: &Status) -> String {

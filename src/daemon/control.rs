@@ -26,9 +26,9 @@ use tokio::sync::{mpsc, watch};
 use crate::api::server::Call;
 use crate::api::types::{
     ConnectionStatus, GossipStatus, IpamAllocation, IpamOwner, IpamStatus, IpamSubnet, LinkStatus,
-    PeerStatus, SleeveStatus, Status, TargetStatus,
+    PeerStatus, PeerTraffic, SleeveStatus, Status, TargetStatus, TrafficCounts,
 };
-use crate::dataplane::forwarding::{ForwardingTable, SessionParams};
+use crate::dataplane::forwarding::{ForwardingTable, SessionParams, Traffic};
 use crate::dataplane::overlay::{self, Choice, PeerFacts, ProbeState, PROBE_INTERVAL};
 use crate::dataplane::sleeve::crypto::{agree_epoch_shift, derive_keys, Cipher};
 use crate::dataplane::sleeve::Counters;
@@ -236,6 +236,8 @@ pub(super) struct Control {
     probe_events: Option<mpsc::UnboundedReceiver<ProbeEvent>>,
     /// `Records::generation` last published to the name service.
     dns_published: Option<u64>,
+    /// Sleeve frames exchanged with each peer in the topology, kept across forwarding tables.
+    peer_traffic: BTreeMap<PeerName, Traffic>,
 }
 
 impl Control {
@@ -302,6 +304,7 @@ impl Control {
             choices: BTreeMap::new(),
             probe_events,
             dns_published: None,
+            peer_traffic: BTreeMap::new(),
         })
     }
 
@@ -956,7 +959,7 @@ impl Control {
         }
     }
 
-    fn publish_table(&self) {
+    fn publish_table(&mut self) {
         let routes = self.router.routes();
         let live: HashSet<ConnId> = self.router.connections().iter().map(|c| c.conn).collect();
         let sessions: BTreeMap<PeerName, Arc<SessionParams>> = self
@@ -974,13 +977,26 @@ impl Control {
                 Some((*peer, addr))
             })
             .collect();
+        let me = self.local.name;
+        let known: HashSet<PeerName> = self
+            .router
+            .topology()
+            .peers()
+            .map(|p| p.name)
+            .filter(|p| *p != me)
+            .collect();
+        self.peer_traffic.retain(|p, _| known.contains(p));
+        for peer in known {
+            self.peer_traffic.entry(peer).or_default();
+        }
         let table = ForwardingTable {
-            me: self.local.name,
+            me,
             sealed: self.local.password.is_some(),
             unicast: routes.unicast.clone(),
             broadcast: self.router.broadcast_all(),
             sessions,
             vxlan,
+            peer_traffic: self.peer_traffic.clone(),
         };
         self.settings.table.send_replace(Arc::new(table));
     }
@@ -1082,7 +1098,23 @@ impl Control {
                 let link = self
                     .conn_to(p.name)
                     .map(|c| link_status(now, c, overlay.as_deref() == Some("vxlan")));
+                let vxlan_endpoint = self.settings.fastpath.as_ref().and_then(|_| {
+                    let (addr, _) = self.conn_to(p.name).and_then(vxlan_endpoint)?;
+                    Some(addr.to_string())
+                });
+                let sleeve = self.peer_traffic.get(&p.name).map(Traffic::snapshot);
+                let (rx_packets, rx_bytes, tx_packets, tx_bytes) = sleeve.unwrap_or_default();
                 PeerStatus {
+                    vxlan_endpoint,
+                    traffic: PeerTraffic {
+                        sleeve: TrafficCounts {
+                            rx_packets,
+                            rx_bytes,
+                            tx_packets,
+                            tx_bytes,
+                        },
+                        vxlan: None,
+                    },
                     relayed_via,
                     link,
                     cipher,
@@ -1188,6 +1220,8 @@ impl Control {
             connections,
             ipam: Some(self.ipam_status()),
             dns: Some(self.dns_status()),
+            // Filled in by the API from the kernel's counters (`kernel::nft`).
+            vxlan_counting: String::new(),
             sleeve: SleeveStatus {
                 cipher: match (sealed, self.local.ext.cipher.and_then(Cipher::from_code)) {
                     (false, _) => "none".to_string(),

@@ -26,6 +26,7 @@ use crate::dataplane::sleeve::{self, Counters};
 use crate::dataplane::{tap, vxlan};
 use crate::kernel::firewall::BridgeRules;
 use crate::kernel::netlink::Netlink;
+use crate::kernel::nft::VxlanCounters;
 
 /// Longest bridge name we accept, so that the TAP's name (`BRIDGE-tap`) fits Linux's 15 characters.
 const BRIDGE_NAME_MAX: usize = 11;
@@ -207,11 +208,26 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     let listener = bind_api_socket(&socket_path)?;
     let socket_inode = file_inode(&socket_path);
     let (calls_tx, calls_rx) = mpsc::channel(64);
+    // A table left by a launch that failed after this point is harmless (it only counts) and
+    // replaced by the next launch.
+    let vxlan_counters = Arc::new(match &device {
+        None => VxlanCounters::disabled(),
+        Some(_) => {
+            let bridge = args.bridge.clone();
+            tokio::task::spawn_blocking(move || VxlanCounters::install(&bridge, vxlan_port))
+                .await
+                .context("install VXLAN counters")?
+        }
+    });
     let metrics = if args.no_metrics {
         None
     } else {
         match tokio::net::TcpListener::bind(args.metrics_addr).await {
-            Ok(l) => Some(tokio::spawn(crate::metrics::serve(l, calls_tx.clone()))),
+            Ok(l) => Some(tokio::spawn(crate::metrics::serve(
+                l,
+                calls_tx.clone(),
+                vxlan_counters.clone(),
+            ))),
             Err(e) => {
                 tracing::warn!(
                     "serving no metrics: cannot listen on {} ({e}); choose another --metrics-addr or --no-metrics",
@@ -248,6 +264,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
             mtu: args.mtu,
             dns: dns.clone(),
             containers,
+            vxlan_counters: vxlan_counters.clone(),
         },
     ));
     let pid_path = paths.state_dir.join("meshctl.pid");
@@ -310,6 +327,7 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         prober.abort();
     }
     problems.extend(firewall.remove());
+    problems.extend(vxlan_counters.remove());
     if let Err(e) = netlink.delete_link(&tap_name).await {
         problems.push(format!("remove TAP {tap_name}: {e:#}"));
     }

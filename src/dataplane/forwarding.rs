@@ -92,8 +92,7 @@ impl Traffic {
     /// Counts one received datagram of `bytes`.
     // HOT PATH
     pub fn received(&self, bytes: usize) {
-        self.0.rx_packets.fetch_add(1, Ordering::Relaxed);
-        self.0.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.received_many(1, bytes as u64);
     }
 
     /// Notes that the sending key just moved to a new epoch.
@@ -111,8 +110,21 @@ impl Traffic {
     /// Counts one sent datagram of `bytes`.
     // HOT PATH
     pub fn sent(&self, bytes: usize) {
-        self.0.tx_packets.fetch_add(1, Ordering::Relaxed);
-        self.0.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.sent_many(1, bytes as u64);
+    }
+
+    /// Counts `packets` received together, `bytes` in all.
+    // HOT PATH
+    pub fn received_many(&self, packets: u64, bytes: u64) {
+        self.0.rx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.0.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts `packets` sent together, `bytes` in all.
+    // HOT PATH
+    pub fn sent_many(&self, packets: u64, bytes: u64) {
+        self.0.tx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.0.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Counts one datagram from this neighbour dropped for `why`.
@@ -199,6 +211,10 @@ pub struct ForwardingTable {
     /// what keeps every broadcast exactly-once: the tree holds each peer once, so no peer below
     /// a VXLAN peer is itself one.
     pub vxlan: BTreeMap<PeerName, SocketAddrV4>,
+    /// Frames exchanged end to end with each known peer over the sleeve, whatever the next hop:
+    /// counted where they enter or leave the mesh (our TAP), not where they are relayed. The
+    /// control loop keeps one counter per peer across tables.
+    pub peer_traffic: BTreeMap<PeerName, Traffic>,
 }
 
 impl ForwardingTable {
@@ -212,6 +228,7 @@ impl ForwardingTable {
             broadcast: BTreeMap::new(),
             sessions: BTreeMap::new(),
             vxlan: BTreeMap::new(),
+            peer_traffic: BTreeMap::new(),
         }
     }
 }

@@ -12,3 +12,4 @@ pub mod attach;
 pub(crate) mod firewall;
 pub mod netlink;
 pub mod netns;
+pub(crate) mod nft;

@@ -68,6 +68,12 @@ pub(crate) fn remove_router_leftovers(bridge: &str) {
         let _ = lab::run_cmd("ip", &["link", "del", &link]);
     }
     while bridge_rule(bridge, "-C") && bridge_rule(bridge, "-D") {}
+    // The VXLAN counters' table (src/kernel/nft.rs names it after the bridge).
+    let table = format!(
+        "meshctl_{}",
+        bridge.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    );
+    let _ = lab::run_cmd("nft", &["delete", "table", "ip", &table]);
 }
 
 /// Runs the host's `meshctl --state-dir STATE_DIR ARGS` against a router in the root namespace

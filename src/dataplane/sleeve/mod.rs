@@ -537,6 +537,7 @@ mod tests {
             traffic: Default::default(),
         };
         t.sessions.insert(peer, Arc::new(params));
+        t.peer_traffic.insert(peer, Default::default());
         t
     }
 
@@ -600,6 +601,10 @@ mod tests {
         let table_a = table(PEER_A, PEER_B, INDEX_A, INDEX_B, "192.168.77.2:6784");
         let table_b = table(PEER_B, PEER_A, INDEX_B, INDEX_A, "192.168.77.1:6784");
         let b_to_a_key = table_b.sessions[&PEER_A].send_key;
+        let (a_with_b, b_with_a) = (
+            table_a.peer_traffic[&PEER_B].clone(),
+            table_b.peer_traffic[&PEER_A].clone(),
+        );
         let node_a = start_node(&a, table_a, counters_a.clone());
         let node_b = start_node(&b, table_b, counters_b.clone());
         for (ns, addr) in [(&a, "10.77.0.1/24"), (&b, "10.77.0.2/24")] {
@@ -637,6 +642,16 @@ mod tests {
             assert!(
                 snap["tx_frames"] >= 3 && snap["rx_frames"] >= 3,
                 "{name}: {snap:?}"
+            );
+        }
+        // Each end counts the echo frames it exchanged with the other, by peer: 3 each way, 98
+        // bytes of Ethernet frame each (ARP and anything else only add to that).
+        for (name, traffic) in [("a", &a_with_b), ("b", &b_with_a)] {
+            let (rx_packets, rx_bytes, tx_packets, tx_bytes) = traffic.snapshot();
+            assert!(
+                rx_packets >= 3 && tx_packets >= 3 && rx_bytes >= 3 * 98 && tx_bytes >= 3 * 98,
+                "{name}: per-peer traffic {:?}",
+                traffic.snapshot()
             );
         }
         let before = counters_a.snapshot();

@@ -220,7 +220,9 @@ impl Rx {
             // Frames must not overtake a super-frame that is still being joined.
             self.joiner.flush(&self.shared);
             let plain = [0u8; VNET_HDR_LEN];
+            let mut delivered = 0;
             for frame in frames {
+                delivered += frame.len() as u64;
                 if let Err(e) = self
                     .shared
                     .tap
@@ -229,6 +231,9 @@ impl Rx {
                     tracing::debug!(error = %e, "write frame to tap");
                     bump(&self.shared.counters.drop_tap_write, 1);
                 }
+            }
+            if let Some(traffic) = self.snapshot.table.peer_traffic.get(&head.src) {
+                traffic.received_many(frame_count, delivered);
             }
         }
         if head.dst == Some(me) {
@@ -284,6 +289,9 @@ impl Rx {
             .expect("segments hold an ethernet header");
         self.learn(src_mac, head.src);
         if dst == me {
+            if let Some(traffic) = self.snapshot.table.peer_traffic.get(&head.src) {
+                traffic.received_many(1, chunk.len() as u64);
+            }
             if let Err(e) = self.joiner.push(&self.shared, head.src, &meta, chunk) {
                 self.drop_bad_frame(e, from);
             }

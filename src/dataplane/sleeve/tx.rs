@@ -37,6 +37,8 @@ struct Batch {
     dest: Option<Dest>,
     body: Vec<u8>,
     frames: u8,
+    /// Bytes of the frames in `body`, without their prefixes.
+    frame_bytes: u64,
 }
 
 struct Tx {
@@ -182,6 +184,10 @@ impl Tx {
                     self.sender
                         .queue(&session, sealed, FLAG_SEGMENT, &[&head, headers, chunk], 1);
                 }
+                if let Some(traffic) = self.snapshot.table.peer_traffic.get(&peer) {
+                    let bytes = headers.len() * count + payload.len();
+                    traffic.sent_many(count as u64, bytes as u64);
+                }
                 return;
             }
         }
@@ -222,6 +228,7 @@ impl Tx {
             batch.dest = Some(dest);
             batch.body.clear();
             batch.frames = 0;
+            batch.frame_bytes = 0;
             let dst = match dest {
                 Dest::Broadcast => None,
                 Dest::Peer(p) => Some(p),
@@ -236,6 +243,7 @@ impl Tx {
         }
         frame::push_frame(&mut batch.body, frame);
         batch.frames += 1;
+        batch.frame_bytes += frame.len() as u64;
     }
 
     /// Queues the packed batch (if any) for its next hops and empties it.
@@ -273,7 +281,12 @@ impl Tx {
                 }
             }
             Dest::Peer(peer) => match table.unicast.get(&peer).copied() {
-                Some(hop) => send(hop, 0, &mut self.sender),
+                Some(hop) => {
+                    send(hop, 0, &mut self.sender);
+                    if let Some(traffic) = table.peer_traffic.get(&peer) {
+                        traffic.sent_many(frames, batch.frame_bytes);
+                    }
+                }
                 None => {
                     tracing::debug!(%peer, "no route to peer; dropping frames");
                     bump(&self.shared.counters.drop_no_route, frames);
