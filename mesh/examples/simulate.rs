@@ -166,6 +166,7 @@ fn main() {
 
         // (a) A new peer joins through one existing peer.
         let b1 = sim.stats().bytes;
+        let kinds_before = sim.stats().bytes_by_kind.clone();
         let x = sim.add_peer(&[n / 2]);
         let xn = sim.name(x);
         let join = time_until(&mut sim, Duration::from_secs(120), |s| {
@@ -174,6 +175,16 @@ fn main() {
         sim.run_for(Duration::from_secs(5)).expect("no checks");
         let per_change = (sim.stats().bytes - b1) as f64 / n as f64;
         phase(&sim, "joined");
+        let kinds: Vec<String> = sim
+            .stats()
+            .bytes_by_kind
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v - kinds_before.get(k).copied().unwrap_or(0)))
+            .collect();
+        eprintln!(
+            "N={n} bytes to spread the join, by kind: {}",
+            kinds.join(", ")
+        );
 
         // (b) A peer crashes; routes must avoid it everywhere.
         let f = n / 3;

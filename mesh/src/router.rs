@@ -15,7 +15,8 @@
 //! - message: merge; pass the delta on to everyone but the sender (to the sender as well when
 //!   the delta holds our own entry, which happens when the sender held a stale copy of us),
 //!   leaving out entries a neighbour itself sent us recently (duplicate suppression). A digest
-//!   that differs from ours is answered with our full state (see [`Message::Digest`]).
+//!   that differs from ours is answered with the versions we hold, and the two sides then send
+//!   each other only the entries the other lacks (see [`Message::Versions`]).
 //! - disconnected: drop the connection from our entry and gossip the delta.
 //! - timeout: our digest to [`gossip::FANOUT`] random neighbours every `gossip_interval`, the
 //!   delayed route computation, collection of peers unreachable for `gc_grace`, due dials.
@@ -427,12 +428,32 @@ impl Router {
                 self.send_to_all_except(except, &delta);
                 self.topology_changed(now);
             }
-            Message::Digest { digest, reply, .. } => {
+            Message::Digest { digest, .. } => {
                 if digest != self.topology.digest() {
-                    self.send(conn, Message::Gossip(self.topology.full_state()));
-                    if reply {
-                        self.send(conn, self.digest_message(false));
-                    }
+                    let entries = self.topology.versions();
+                    self.send(
+                        conn,
+                        Message::Versions {
+                            entries,
+                            reply: true,
+                        },
+                    );
+                }
+            }
+            Message::Versions { entries, reply } => {
+                let theirs_lack = self.topology.newer_than(&entries);
+                if !theirs_lack.is_empty() {
+                    self.send(conn, Message::Gossip(theirs_lack));
+                }
+                if reply && self.topology.lacks_any(&entries) {
+                    let entries = self.topology.versions();
+                    self.send(
+                        conn,
+                        Message::Versions {
+                            entries,
+                            reply: false,
+                        },
+                    );
                 }
             }
             Message::Ipam(update) => {

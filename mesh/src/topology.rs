@@ -18,7 +18,8 @@
 //! Entries are shared (`Arc<Peer>`): an update merged from a message is kept as is, never
 //! copied, and a full state is a vector of pointers. The [`Topology::digest`] (an XOR over the
 //! reachable entries' names and versions) lets neighbours compare whole views in 8 bytes, so
-//! periodic anti-entropy costs O(1) bytes per peer when nothing differs.
+//! periodic anti-entropy costs O(1) bytes per peer when nothing differs; when they differ,
+//! [`Topology::versions`] and [`Topology::newer_than`] find exactly the entries one side lacks.
 //!
 //! Invariants: our own peer is always present and only we change it (through
 //! [`Topology::set_own_connections`], or by bumping its version when someone holds a copy at least
@@ -240,6 +241,42 @@ impl Topology {
                 .map(|(_, p)| p.clone())
                 .collect(),
         }
+    }
+
+    /// The name and version of every reachable entry, sorted by name: what a
+    /// [`crate::wire::Message::Versions`] carries, about 15 bytes per peer where a full
+    /// state costs a whole entry (its connection list) per peer.
+    pub fn versions(&self) -> Vec<(PeerName, Version)> {
+        self.peers
+            .iter()
+            .filter(|(name, _)| !self.unreachable.contains_key(name))
+            .map(|(name, p)| (*name, p.version))
+            .collect()
+    }
+
+    /// Our reachable entries that `theirs` (a complete [`Topology::versions`] list) lacks or
+    /// holds at an older version: exactly what its sender is missing from our view.
+    pub fn newer_than(&self, theirs: &[(PeerName, Version)]) -> TopologyUpdate {
+        let theirs: NameMap<Version> = theirs.iter().copied().collect();
+        TopologyUpdate {
+            peers: self
+                .peers
+                .iter()
+                .filter(|(name, _)| !self.unreachable.contains_key(name))
+                .filter(|(name, p)| theirs.get(name).is_none_or(|v| *v < p.version))
+                .map(|(_, p)| p.clone())
+                .collect(),
+        }
+    }
+
+    /// Whether `theirs` lists an entry newer than anything we hold or remember of that peer,
+    /// so that its sender has something for us.
+    pub fn lacks_any(&self, theirs: &[(PeerName, Version)]) -> bool {
+        theirs.iter().any(|(name, v)| {
+            let held = self.peers.get(name).map(|p| p.version);
+            let buried = self.tombstones.get(name).map(|(t, _)| *t);
+            held.max(buried).is_none_or(|mine| mine < *v)
+        })
     }
 
     /// Replaces our own connection list (sorted here) and bumps our version if it changed.

@@ -42,6 +42,20 @@ pub enum Message {
     /// a peer built before it closes the connection on it with a decode error, and the router
     /// sends it only once there are records to carry.
     Dns(crate::dns::RecordsUpdate),
+    /// Anti-entropy, second step: the name and version of every reachable entry the sender
+    /// holds ([`crate::Topology::versions`]), sent in answer to a [`Message::Digest`] that
+    /// differs from the sender's own. The receiver answers with the entries it holds newer or
+    /// that the list lacks, as [`Message::Gossip`], and, if `reply` and the list holds
+    /// something newer than its own view, with its own `Versions` (without `reply`). Each side
+    /// so gets only what it lacks, for ~15 bytes per peer instead of a full state's whole
+    /// entries: while a change is still spreading, digests differ everywhere, and answering
+    /// each with a full state made one change cost O(N²) bytes across the mesh.
+    Versions {
+        /// The sender's reachable entries, sorted by name.
+        entries: Vec<(crate::PeerName, crate::topology::Version)>,
+        /// Whether the receiver should send its own list when it lacks something.
+        reply: bool,
+    },
 }
 
 impl Message {
@@ -163,6 +177,18 @@ mod tests {
             }],
         });
         assert_eq!(decode(&encode(&dns)), Ok(dns));
+        let versions = Message::Versions {
+            entries: vec![(
+                PeerName(9),
+                crate::topology::Version {
+                    incarnation: 1_700_000_000,
+                    counter: 12,
+                },
+            )],
+            reply: true,
+        };
+        assert_eq!(decode(&encode(&versions)), Ok(versions.clone()));
+        assert_eq!(versions.encoded_len(), encode(&versions).len());
     }
 
     #[test]

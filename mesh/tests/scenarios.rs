@@ -29,6 +29,10 @@ struct Net {
     blocked: BTreeSet<(usize, usize)>,
     next_conn: u64,
     messages_delivered: usize,
+    /// Nodes whose incoming messages are lost (the connection stays up).
+    deaf: BTreeSet<usize>,
+    /// Every message delivered: (to, message).
+    delivered: Vec<(usize, Message)>,
 }
 
 fn name_of(i: usize) -> PeerName {
@@ -68,6 +72,8 @@ impl Net {
             blocked: BTreeSet::new(),
             next_conn: 1,
             messages_delivered: 0,
+            deaf: BTreeSet::new(),
+            delivered: Vec::new(),
         }
     }
 
@@ -103,7 +109,14 @@ impl Net {
                 }
             }
             while let Some((to, conn, bytes)) = self.in_flight.pop_front() {
+                if self.deaf.contains(&to) {
+                    continue;
+                }
                 self.messages_delivered += 1;
+                self.delivered.push((
+                    to,
+                    mesh::decode(&bytes).expect("routers send valid messages"),
+                ));
                 let now = self.now;
                 self.nodes[to]
                     .router
@@ -620,6 +633,45 @@ fn periodic_gossip_stays_small_when_nothing_changes() {
     // Each peer sends full state to at most 2 neighbours every 10 s, and nothing is new.
     assert!(sent <= 4 * 2 * 10, "{sent} messages in a quiet mesh");
     net.assert_converged();
+}
+
+#[test]
+fn a_lost_change_is_repaired_with_versions_not_a_full_state() {
+    // Goal: when a peer missed a change (its messages were lost), anti-entropy hands it just
+    // the entries it lacks: a digest, the version lists, then a small update; never the whole
+    // topology, whose resending on every differing digest made one change cost O(N²) bytes.
+    // Method: line A-B-C-D converged; A goes deaf while D connects to a new peer E, so A
+    // misses both changed entries (D's and E's); A hears again, and gossip timers run.
+    let mut net = Net::new(5, false);
+    net.connect(A, B);
+    net.connect(B, C);
+    net.connect(C, D);
+    net.deaf.insert(A);
+    net.connect(D, 4);
+    assert!(!net.known_peers(A).contains(&4), "A heard of E while deaf");
+    net.deaf.clear();
+    net.delivered.clear();
+    net.advance(Duration::from_secs(30));
+    net.assert_converged();
+    let to_a: Vec<&Message> = net
+        .delivered
+        .iter()
+        .filter(|(to, _)| *to == A)
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        to_a.iter().any(|m| matches!(m, Message::Versions { .. })),
+        "A was repaired without a version list: {to_a:?}"
+    );
+    for m in &to_a {
+        if let Message::Gossip(update) = m {
+            assert!(
+                update.peers.len() <= 2,
+                "A got {} entries, not just the 2 it lacked: {update:?}",
+                update.peers.len()
+            );
+        }
+    }
 }
 
 #[test]

@@ -251,6 +251,9 @@ pub struct Stats {
     pub frames_traced: u64,
     /// Steps taken.
     pub steps: u64,
+    /// Encoded bytes by kind of message: `gossip (full)` (an update holding more than half of
+    /// the peers the sender knows), `gossip (delta)`, `digest` (with version lists), `ipam`, `dns`.
+    pub bytes_by_kind: BTreeMap<&'static str, u64>,
 }
 
 /// One simulated peer.
@@ -828,6 +831,7 @@ impl Sim {
             let mut progress = false;
             let mut events = Vec::new();
             let mut transmits = Vec::new();
+            let known = r.topology().len();
             while let Some(t) = r.poll_transmit() {
                 transmits.push(t);
             }
@@ -839,6 +843,15 @@ impl Sim {
                 let len = t.message.encoded_len();
                 self.stats.messages += 1;
                 self.stats.bytes += len as u64;
+                let kind = match &*t.message {
+                    // Full states leave out unreachable entries; more than half is one.
+                    Message::Gossip(u) if u.peers.len() * 2 > known => "gossip (full)",
+                    Message::Gossip(_) => "gossip (delta)",
+                    Message::Digest { .. } | Message::Versions { .. } => "digest",
+                    Message::Ipam(_) => "ipam",
+                    Message::Dns(_) => "dns",
+                };
+                *self.stats.bytes_by_kind.entry(kind).or_default() += len as u64;
                 self.stats.message_bytes_largest = self.stats.message_bytes_largest.max(len);
                 if len > bytes_max {
                     self.net.oversized = Some(format!(
