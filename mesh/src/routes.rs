@@ -17,25 +17,26 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::peer::PeerName;
-use crate::topology::{NameMap, Topology};
+use crate::topology::{NameMap, Peer, Topology};
 
 /// Dense numbering of a topology's peers, for searches.
 struct Index<'a> {
-    topo: &'a Topology,
+    peers: Vec<&'a Peer>,
     names: Vec<PeerName>,
     number: NameMap<u32>,
 }
 
 impl<'a> Index<'a> {
     fn new(topo: &'a Topology) -> Index<'a> {
-        let names: Vec<PeerName> = topo.peers().map(|p| p.name).collect();
+        let peers: Vec<&Peer> = topo.peers().collect();
+        let names: Vec<PeerName> = peers.iter().map(|p| p.name).collect();
         let mut number = NameMap::default();
         number.reserve(names.len());
         for (i, &name) in names.iter().enumerate() {
             number.insert(name, i as u32);
         }
         Index {
-            topo,
+            peers,
             names,
             number,
         }
@@ -53,10 +54,8 @@ impl<'a> Index<'a> {
         let mut queue = VecDeque::from([r]);
         // HOT PATH: runs over every connection of every reached peer.
         while let Some(x) = queue.pop_front() {
-            let name = self.names[x as usize];
-            let Some(peer) = self.topo.peer(name) else {
-                continue;
-            };
+            let peer = self.peers[x as usize];
+            let name = peer.name;
             for c in &peer.connections {
                 let Some(&y) = self.number.get(&c.peer) else {
                     continue;
@@ -64,8 +63,7 @@ impl<'a> Index<'a> {
                 if seen[y as usize] || c.peer == name {
                     continue;
                 }
-                let back = self.topo.peer(c.peer).is_some_and(|p| p.lists(name));
-                if back {
+                if self.peers[y as usize].lists(name) {
                     seen[y as usize] = true;
                     parent[y as usize] = x;
                     queue.push_back(y);

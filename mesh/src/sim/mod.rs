@@ -59,8 +59,8 @@ pub enum Bootstrap {
     RandomTree,
     /// Every peer is given peer 0 as its only user target (one seed address).
     SingleSeed,
-    /// A connected mesh is built directly: a ring for connectivity plus random links up to
-    /// `degree` per peer, and every peer already knows the full topology; for benchmarks at
+    /// A connected mesh is built directly: every peer has exactly `degree` random links (a ring
+    /// among them, for connectivity) and already knows the full topology; for benchmarks at
     /// large N.
     Warm {
         /// Links each peer opens.
@@ -366,32 +366,57 @@ impl Sim {
         self.drain(i);
     }
 
-    /// Builds a connected mesh directly: a ring plus `degree` random links per peer, every
-    /// router told of every entry at once. Messages of the build-up are discarded.
+    /// Builds a connected mesh directly, every router told of every entry at once; messages of
+    /// the build-up are discarded. Every peer gets exactly `degree` links (all of them when
+    /// there are fewer peers), so no one is left below its connection limit, dialing: a
+    /// settled mesh, quiet from the first step. The links: a ring (which keeps it connected)
+    /// and each peer's next `degree/2 - 1` peers along it, then randomized by swapping the ends
+    /// of non-ring links (which keeps every degree), so paths are as short as in a random mesh.
     fn warm_start(&mut self, degree: usize) {
         let n = self.nodes.len();
         let mut pairs = BTreeSet::new();
-        let mut links = vec![0; n];
-        for i in 0..n {
-            let j = (i + 1) % n;
-            if j != i && pairs.insert((i.min(j), i.max(j))) {
-                links[i] += 1;
-                links[j] += 1;
-            }
-        }
-        // Random links, but nobody above `degree`: a mesh that starts over its peers'
-        // connection limit would spend its first minutes reshaping, not in steady state.
-        for i in 0..n {
-            for _ in 0..degree.saturating_mul(4) {
-                if links[i] >= degree {
-                    break;
-                }
-                let j = self.rng.gen_range(0..n);
-                if j != i && links[j] < degree && pairs.insert((i.min(j), i.max(j))) {
-                    links[i] += 1;
-                    links[j] += 1;
+        if n <= degree + 1 {
+            for a in 0..n {
+                for b in a + 1..n {
+                    pairs.insert((a, b));
                 }
             }
+        } else {
+            let mut ring = Vec::new();
+            let mut chords = Vec::new();
+            for i in 0..n {
+                for step in 1..=(degree / 2).max(1) {
+                    let j = (i + step) % n;
+                    let pair = (i.min(j), i.max(j));
+                    if step == 1 {
+                        ring.push(pair);
+                    } else {
+                        chords.push(pair);
+                    }
+                }
+            }
+            let mut present: std::collections::HashSet<(usize, usize)> =
+                ring.iter().chain(&chords).copied().collect();
+            for _ in 0..chords.len() * 10 {
+                let (x, y) = (
+                    self.rng.gen_range(0..chords.len()),
+                    self.rng.gen_range(0..chords.len()),
+                );
+                let ((a, b), (c, d)) = (chords[x], chords[y]);
+                let (a_d, c_b) = ((a.min(d), a.max(d)), (c.min(b), c.max(b)));
+                let distinct = a != c && a != d && b != c && b != d;
+                if !distinct || present.contains(&a_d) || present.contains(&c_b) {
+                    continue;
+                }
+                present.remove(&chords[x]);
+                present.remove(&chords[y]);
+                present.insert(a_d);
+                present.insert(c_b);
+                chords[x] = a_d;
+                chords[y] = c_b;
+            }
+            pairs.extend(ring);
+            pairs.extend(chords);
         }
         for &(a, b) in &pairs {
             if a != b {
