@@ -53,15 +53,20 @@ pub(crate) fn skip_unless_root(test: &str) -> bool {
 const PROGRAMS: [(&str, &str); 2] = [("ip", "iproute2"), ("ping", "iputils-ping")];
 
 fn require_programs() {
-    let path = std::env::var_os("PATH").unwrap_or_default();
     for (program, package) in PROGRAMS {
-        let found = std::env::split_paths(&path).any(|dir| dir.join(program).is_file());
-        assert!(
-            found,
-            "`{program}` is not installed; the namespace tests need it: apt-get install {package} \
-             (or run .ci/run, which installs everything the tests use)"
-        );
+        require_program(program, package);
     }
+}
+
+/// Fails the test at once if `program` is not on PATH, naming the Debian `package` that has it.
+pub(crate) fn require_program(program: &str, package: &str) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|dir| dir.join(program).is_file());
+    assert!(
+        found,
+        "`{program}` is not installed; the namespace tests need it: apt-get install {package} \
+         (or run .ci/run, which installs everything the tests use)"
+    );
 }
 
 /// Nicknames of the peers a `status --json` document shows as reachable.
