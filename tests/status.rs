@@ -361,6 +361,25 @@ fn report_is_json_with_every_documented_field() {
         lab.report()
     );
 
+    // A reader that goes away (`meshctl report | head`) ends meshctl quietly, not in a panic.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let closed = std::process::Command::new("ip")
+        .args(["netns", "exec", &b.netns])
+        .arg(lab::meshctl_bin())
+        .arg("--state-dir")
+        .arg(&b.state_dir)
+        .arg("report")
+        .stdout(writer)
+        .output()
+        .expect("run meshctl report");
+    let err = String::from_utf8_lossy(&closed.stderr);
+    assert!(
+        closed.status.success() && !err.contains("panicked"),
+        "meshctl report into a closed pipe: {} {err}",
+        closed.status
+    );
+
     let text = run(&lab, &b, &["report"]);
     let report: Value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("`meshctl report` is not JSON ({e}):\n{text}"));

@@ -45,7 +45,7 @@ pub(super) async fn attach(
         ),
     };
     let r: AttachResponse = call(&paths.socket, Method::POST, "/attach", Some(&req)).await?;
-    println!(
+    outln!(
         "attached {label}: {} {} {} (host side {})",
         r.ifname,
         r.mac,
@@ -70,7 +70,7 @@ pub(super) async fn detach(
         key: None,
     };
     call::<_, ()>(&paths.socket, Method::POST, "/detach", Some(&req)).await?;
-    println!("detached {label}");
+    outln!("detached {label}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -134,9 +134,9 @@ pub(super) async fn expose(paths: &Paths, cidr: Option<String>, add: bool) -> Re
     )
     .await?;
     if r.addresses.is_empty() {
-        println!("this host has no address on the mesh");
+        outln!("this host has no address on the mesh");
     } else {
-        println!(
+        outln!(
             "this host's address on the mesh: {}",
             r.addresses.join(", ")
         );

@@ -18,7 +18,7 @@ pub(super) async fn add(paths: &Paths, name: String, ips: Vec<String>) -> Result
         Some(&DnsAddRequest { name, ips }),
     )
     .await?;
-    println!("{} -> {}", r.name, r.addresses.join(" "));
+    outln!("{} -> {}", r.name, r.addresses.join(" "));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -31,12 +31,13 @@ pub(super) async fn remove(paths: &Paths, name: String, ip: Option<String>) -> R
     )
     .await?;
     if r.addresses.is_empty() {
-        println!(
+        outln!(
             "removed {} ({} records); it has no address now",
-            r.name, r.changed
+            r.name,
+            r.changed
         );
     } else {
-        println!(
+        outln!(
             "removed {} records; {} -> {} (registered by other hosts)",
             r.changed,
             r.name,
@@ -60,7 +61,7 @@ pub(super) async fn lookup(paths: &Paths, name: String) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     for a in &r.addresses {
-        println!("{a}");
+        outln!("{a}");
     }
     Ok(ExitCode::SUCCESS)
 }

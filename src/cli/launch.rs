@@ -58,7 +58,7 @@ pub(super) fn run_background(args: &LaunchArgs, paths: &Paths) -> Result<ExitCod
             );
         }
         if router_answers(&paths.socket) {
-            println!(
+            outln!(
                 "router started (pid {}); log: {}; see `meshctl status`",
                 child.id(),
                 log_path.display()

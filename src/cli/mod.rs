@@ -3,6 +3,21 @@
 //! Every command but `launch --foreground` is a thin client of the router's local API (`api/`), found
 //! through `--socket`, or `--state-dir` (the socket lives inside it), or the default place.
 
+/// `print!` for command output: a reader that went away (`meshctl ipam --json | head`) ends
+/// the program quietly, as it does other Unix tools, instead of a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` for command output, like [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod attach;
 mod dns;
 mod launch;
@@ -319,6 +334,19 @@ pub(crate) fn main() -> ExitCode {
             eprintln!("meshctl: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes command output; see [`out!`].
+pub(crate) fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("meshctl: error: write to standard output: {e}");
+        std::process::exit(1);
     }
 }
 

@@ -35,7 +35,7 @@ async fn change_targets(
         Some(&PeersRequest { peers }),
     )
     .await?;
-    println!("{verb} {}", changed.join(", "));
+    outln!("{verb} {}", changed.join(", "));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -45,7 +45,7 @@ pub(super) async fn stop(paths: &Paths) -> Result<ExitCode> {
     // Wait until the router has exited, so that a following `launch` finds the port free and
     // the old router's cleanup can't touch the new one's devices.
     wait_until_gone(paths, pid).await;
-    println!("router stopped");
+    outln!("router stopped");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -53,7 +53,7 @@ pub(super) async fn reset(paths: &Paths) -> Result<ExitCode> {
     let pid = router_pid(paths);
     let said: String = call::<(), _>(&paths.socket, Method::POST, "/reset", None).await?;
     wait_until_gone(paths, pid).await;
-    println!("{said}");
+    outln!("{said}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -97,6 +97,6 @@ pub(super) async fn rmpeer(paths: &Paths, peer: String) -> Result<ExitCode> {
         Some(&crate::api::types::RmPeerRequest { peer }),
     )
     .await?;
-    println!("{said}");
+    outln!("{said}");
     Ok(ExitCode::SUCCESS)
 }

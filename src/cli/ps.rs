@@ -15,9 +15,9 @@ pub(super) async fn run(paths: &Paths, json: bool) -> Result<ExitCode> {
     let mut list: Vec<PsEntry> = call::<(), _>(&paths.socket, Method::GET, "/ps", None).await?;
     name_plugin_containers(&mut list).await;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        outln!("{}", serde_json::to_string_pretty(&list)?);
     } else {
-        print!("{}", render(&list));
+        out!("{}", render(&list));
     }
     Ok(ExitCode::SUCCESS)
 }

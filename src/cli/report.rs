@@ -38,6 +38,6 @@ pub(super) async fn run(paths: &Paths) -> Result<ExitCode> {
             .unwrap_or(0),
         status,
     };
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    outln!("{}", serde_json::to_string_pretty(&report)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -27,7 +27,7 @@ pub(crate) enum Section {
 pub(super) async fn run(paths: &Paths, section: Option<Section>, json: bool) -> Result<ExitCode> {
     let status: Status = call::<(), _>(&paths.socket, Method::GET, "/status", None).await?;
     match (section, json) {
-        (None, true) => println!("{}", serde_json::to_string_pretty(&status)?),
+        (None, true) => outln!("{}", serde_json::to_string_pretty(&status)?),
         (Some(section), true) => {
             let value = match section {
                 Section::Peers => serde_json::to_value(&status.peers)?,
@@ -36,10 +36,10 @@ pub(super) async fn run(paths: &Paths, section: Option<Section>, json: bool) -> 
                 Section::Dns => serde_json::to_value(&status.dns)?,
                 Section::Targets => serde_json::to_value(&status.targets)?,
             };
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            outln!("{}", serde_json::to_string_pretty(&value)?);
         }
-        (None, false) => print!("{}", render(&status)),
-        (Some(section), false) => print!("{}", render_section(&status, section)),
+        (None, false) => out!("{}", render(&status)),
+        (Some(section), false) => out!("{}", render_section(&status, section)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -363,9 +363,9 @@ pub(super) async fn ipam(paths: &Paths, json: bool) -> Result<ExitCode> {
     let s: crate::api::types::IpamStatus =
         call::<(), _>(&paths.socket, Method::GET, "/ipam", None).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?);
     } else {
-        print!("{}", render_ipam(&s));
+        out!("{}", render_ipam(&s));
     }
     Ok(ExitCode::SUCCESS)
 }
