@@ -863,6 +863,11 @@ impl Router {
         let in_use = self.conns.len() + self.maker.connecting();
         let room = self.config.conn_limit.saturating_sub(in_use);
         let current = self.maker.discovered();
+        // At the limit with nothing discovered to keep: no need to scan every announced
+        // connection (N times the limit of them) after each change.
+        if room == 0 && current.is_empty() {
+            return BTreeSet::new();
+        }
         let connected: BTreeSet<PeerName> = self.conns.values().map(|c| c.peer).collect();
         let own: BTreeSet<SocketAddr> = self.conns.values().map(|c| c.addr).collect();
         let (me, routes) = (self.name, &self.routes);

@@ -31,7 +31,7 @@ use crate::api::types::{
 use crate::dataplane::forwarding::{ForwardingTable, SessionParams, Traffic};
 use crate::dataplane::overlay::{self, Choice, PeerFacts, ProbeState, PROBE_INTERVAL};
 use crate::dataplane::sleeve::crypto::{agree_epoch_shift, derive_keys, Cipher};
-use crate::dataplane::sleeve::Counters;
+use crate::dataplane::sleeve::{udp, Counters, DATAGRAM_OVERHEAD_MAX};
 use crate::dataplane::vxlan::{self, Probe, ProbeEvent, ProbeSend};
 use crate::transport::handshake::{self, HandshakeError, Hello, HelloExt, VxlanHello};
 use crate::transport::quic::SERVER_NAME;
@@ -353,7 +353,10 @@ impl Control {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => self.router.handle_timeout(Instant::now()),
-                _ = probe_tick.tick() => self.probe_round(Instant::now()),
+                _ = probe_tick.tick() => {
+                    self.measure_paths();
+                    self.probe_round(Instant::now());
+                }
                 Some(event) = next_probe_event(&mut probe_events) => self.handle_probe(Instant::now(), event),
                 _ = sigterm.recv() => { tracing::info!("stopping: SIGTERM"); break; }
                 _ = sigint.recv() => { tracing::info!("stopping: SIGINT"); break; }
@@ -498,6 +501,7 @@ impl Control {
                 established_wall: SystemTime::now(),
             },
         );
+        self.measure_paths();
         self.table_dirty = true;
         self.router.handle_connected(
             now,
@@ -839,6 +843,27 @@ impl Control {
             self.table_dirty = true;
         }
         self.choices = choices;
+    }
+
+    /// Reads the kernel's route MTU to every neighbour's sleeve address and tells the sleeve how
+    /// big a frame one datagram there carries, so that it answers bigger ones with ICMP "too
+    /// big" instead of sending what the path can't carry.
+    fn measure_paths(&self) {
+        for c in self.conns.values() {
+            let to = c.session.remote_addr;
+            let Some(mtu) = udp::route_mtu(to) else {
+                continue;
+            };
+            let ip_udp = if to.is_ipv4() { 28 } else { 48 };
+            let frame = mtu.saturating_sub(ip_udp + DATAGRAM_OVERHEAD_MAX).max(1);
+            let before = c.session.traffic.set_max_frame(frame);
+            if before != frame && before != 0 {
+                tracing::info!(
+                    peer = %c.peer, nickname = %c.nickname, route_mtu = mtu,
+                    "sleeve path to the peer now carries frames up to {frame} bytes (was {before})"
+                );
+            }
+        }
     }
 
     /// Sends this round's probes (full MTU and small) to every candidate, then re-evaluates.

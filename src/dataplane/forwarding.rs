@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use mesh::PeerName;
@@ -75,6 +75,9 @@ pub struct TrafficCounters {
     /// When our sending key last moved to a new epoch (`None`: still the handshake's key).
     /// Written once per epoch (millions of datagrams), so a lock costs nothing.
     pub send_key_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Largest Ethernet frame one sleeve datagram to this neighbour carries over the current
+    /// path (0: not measured yet, no limit). Set by the control loop from the kernel's route MTU.
+    pub max_frame: AtomicUsize,
 }
 
 /// Why a datagram of a known session was dropped; names as in the sleeve's `Counters::drops`.
@@ -135,6 +138,17 @@ impl Traffic {
             SessionDrop::Replayed => &self.0.drop_replayed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Largest frame the path to this neighbour carries (0: no limit known).
+    // HOT PATH
+    pub fn max_frame(&self) -> usize {
+        self.0.max_frame.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`Traffic::max_frame`]; returns the previous value.
+    pub fn set_max_frame(&self, bytes: usize) -> usize {
+        self.0.max_frame.swap(bytes, Ordering::Relaxed)
     }
 
     /// Drops by reason (`auth_failed`, `plain_when_sealed`, `replayed`).

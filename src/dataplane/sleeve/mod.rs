@@ -32,6 +32,7 @@
 
 pub mod crypto;
 pub mod frame;
+pub mod icmp;
 pub mod offload;
 pub mod replay;
 mod rx;
@@ -57,6 +58,12 @@ use super::tap::Tap;
 
 /// Hop limit of bodies we originate.
 pub const HOP_LIMIT: u8 = 16;
+
+/// The most a sleeve datagram adds to the frame it carries: a sealed segment (header, body
+/// header, segment metadata, tag). A path that carries `frame + DATAGRAM_OVERHEAD_MAX` bytes of
+/// UDP payload carries the frame whatever the session and the framing.
+pub const DATAGRAM_OVERHEAD_MAX: usize =
+    frame::HEADER_LEN + frame::BODY_HEADER_LEN + frame::SEGMENT_META_LEN + crypto::TAG_LEN;
 
 /// Learned MACs beyond this many are not recorded (bounds memory a misbehaving peer can use).
 const MACS_MAX: usize = 65_536;
@@ -107,13 +114,16 @@ pub struct Counters {
     pub drop_tap_write: AtomicU64,
     /// Frames from our TAP whose offload metadata we can't use.
     pub drop_bad_tap_frame: AtomicU64,
+    /// Frames from our TAP too big for the path to their next hop (answered with ICMP "too
+    /// big" when the sender set DF or used IPv6; see `icmp.rs`).
+    pub drop_too_big: AtomicU64,
 }
 
 impl Counters {
     /// All counters by name, for the status JSON. Drop counters are named by reason alone
     /// ("malformed", "truncated", ...).
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        let all: [(&'static str, &AtomicU64); 18] = [
+        let all: [(&'static str, &AtomicU64); 19] = [
             ("rx_datagrams", &self.rx_datagrams),
             ("tx_datagrams", &self.tx_datagrams),
             ("rx_frames", &self.rx_frames),
@@ -132,6 +142,7 @@ impl Counters {
             ("no_route", &self.drop_no_route),
             ("tap_write", &self.drop_tap_write),
             ("bad_tap_frame", &self.drop_bad_tap_frame),
+            ("too_big", &self.drop_too_big),
         ];
         all.iter()
             .map(|(name, c)| (*name, c.load(Ordering::Relaxed)))

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use mesh::PeerName;
 
 use super::frame::{self, BodyHeader, SegmentMeta, FLAG_RELAY_ONLY, FLAG_SEGMENT};
+use super::icmp;
 use super::offload::{self, Layout, VnetHdr, FRAME_MAX, F_NEEDS_CSUM, VNET_HDR_LEN};
 use super::{bump, Dest, Sender, Shared, Snapshot, HOP_LIMIT, IDLE_POLL};
 
@@ -125,6 +126,9 @@ impl Tx {
         if vnet.is_gso() {
             return self.handle_super_frame(&vnet, frame, dest);
         }
+        if self.too_big(dest, frame.len(), frame) {
+            return;
+        }
         if vnet.flags & F_NEEDS_CSUM != 0
             && offload::finish_checksum(frame, vnet.csum_start, vnet.csum_offset).is_err()
         {
@@ -145,6 +149,9 @@ impl Tx {
             }
         };
         let gso_size = usize::from(vnet.gso_size);
+        if self.too_big(dest, layout.hdr_len + gso_size, frame) {
+            return;
+        }
         let (headers, payload) = frame.split_at(layout.hdr_len);
         let count = payload.len().div_ceil(gso_size).max(1);
         let hop = match dest {
@@ -213,6 +220,38 @@ impl Tx {
             }
             self.segment = segment;
         }
+    }
+
+    /// Whether a frame for `dest` whose datagrams carry `size` bytes of frame each is too big for
+    /// the path to its next hop; if so it is dropped, counted, and its sender told the MTU.
+    // HOT PATH
+    fn too_big(&mut self, dest: Dest, size: usize, frame: &[u8]) -> bool {
+        let Dest::Peer(peer) = dest else {
+            return false;
+        };
+        let snapshot = &self.snapshot;
+        let limit = snapshot
+            .table
+            .unicast
+            .get(&peer)
+            .and_then(|hop| snapshot.sessions.get(hop))
+            .map_or(0, |s| s.params.traffic.max_frame());
+        if limit == 0 || size <= limit {
+            return false;
+        }
+        bump(&self.shared.counters.drop_too_big, 1);
+        let mtu = limit.saturating_sub(frame::ETHERNET_HEADER_LEN);
+        if let Some(answer) = icmp::too_big(frame, mtu) {
+            let plain = [0u8; VNET_HDR_LEN];
+            if let Err(e) = self
+                .shared
+                .tap
+                .write(&[io::IoSlice::new(&plain), io::IoSlice::new(&answer)])
+            {
+                tracing::debug!(error = %e, "write ICMP too-big to tap");
+            }
+        }
+        true
     }
 
     /// Adds a finished frame to the packed batch for `dest`.

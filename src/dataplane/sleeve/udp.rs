@@ -112,3 +112,35 @@ impl Udp {
         }
     }
 }
+
+/// The MTU of the kernel's route to `to`: the interface's, or a smaller path MTU the kernel
+/// learned from ICMP. What a datagram to `to` may measure, IP header included, without being
+/// refused or fragmented. `None` when there is no route.
+#[allow(unsafe_code)]
+pub fn route_mtu(to: SocketAddr) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let local: SocketAddr = match to {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).ok()?;
+    socket.connect(to).ok()?;
+    let (level, name) = match to {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_MTU),
+    };
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the fd belongs to `socket`, which outlives the call; `value` and `len` live across
+    // it and `len` holds `value`'s exact size, as getsockopt(2) requires for IP_MTU/IPV6_MTU.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| usize::try_from(value).ok()).flatten()
+}
