@@ -10,7 +10,7 @@
 //! `MESH_SIM_SEEDS=A..B` runs a range, and the ignored `proof_two_thousand_runs` runs 2,000.
 //! `MESH_IPAM_TRACE=1` prints IPAM events, departures and partitions.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,6 @@ struct SimPeer {
 }
 
 struct InFlight {
-    at: Instant,
     to: usize,
     conn: ConnId,
     bytes: Vec<u8>,
@@ -62,7 +61,10 @@ struct Sim {
     /// Since when the mesh is split in two, if it is.
     partitioned: bool,
     partitioned_at: Instant,
-    inflight: VecDeque<InFlight>,
+    /// Messages on the wire by (arrival, sequence): the first is delivered next, ties in send
+    /// order.
+    inflight: BTreeMap<(Instant, u64), InFlight>,
+    next_message: u64,
     next_conn: u64,
     next_container: u64,
     config: IpamConfig,
@@ -126,7 +128,8 @@ impl Sim {
             side: Vec::new(),
             partitioned: false,
             partitioned_at: Instant::now(),
-            inflight: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            next_message: 0,
             next_conn: 1,
             next_container: 0,
             config,
@@ -226,7 +229,7 @@ impl Sim {
             } else if !allowed && is_up {
                 let (ca, cb) = self.up.remove(&(a, b)).unwrap();
                 self.inflight
-                    .retain(|m| !((m.to == a && m.conn == ca) || (m.to == b && m.conn == cb)));
+                    .retain(|_, m| !((m.to == a && m.conn == ca) || (m.to == b && m.conn == cb)));
                 let now = self.now;
                 for (k, c) in [(a, ca), (b, cb)] {
                     if let Some(r) = self.peers[k].router.as_mut() {
@@ -285,12 +288,10 @@ impl Sim {
                 self.stats.ipam_bytes += bytes.len() as u64;
             }
             let delay = Duration::from_millis(self.rng.gen_range(1..40));
-            self.inflight.push_back(InFlight {
-                at: self.now + delay,
-                to,
-                conn,
-                bytes,
-            });
+            let at = self.now + delay;
+            self.next_message += 1;
+            self.inflight
+                .insert((at, self.next_message), InFlight { to, conn, bytes });
         }
     }
 
@@ -304,7 +305,7 @@ impl Sim {
     fn advance(&mut self, dt: Duration) {
         let end = self.now + dt;
         loop {
-            let msg_at = self.inflight.iter().map(|m| m.at).min();
+            let msg_at = self.inflight.first_key_value().map(|((at, _), _)| *at);
             let timer_at = self
                 .running()
                 .into_iter()
@@ -315,13 +316,15 @@ impl Sim {
                 break;
             };
             self.now = self.now.max(next);
+            // Only a router that handled something can now place a waiting allocation.
+            let mut touched = Vec::new();
             if msg_at == Some(next) {
-                let idx = self.inflight.iter().position(|m| m.at == next).unwrap();
-                let m = self.inflight.remove(idx).unwrap();
+                let (_, m) = self.inflight.pop_first().expect("a message is due");
                 let now = self.now;
                 if let Some(r) = self.peers[m.to].router.as_mut() {
                     r.handle_message(now, m.conn, &m.bytes).expect("decodes");
                     self.drain(m.to);
+                    touched.push(m.to);
                 }
             } else {
                 for i in self.running() {
@@ -330,11 +333,12 @@ impl Sim {
                     if r.poll_timeout().is_some_and(|t| t <= now) {
                         r.handle_timeout(now);
                         self.drain(i);
+                        touched.push(i);
                     }
                 }
             }
-            self.retry_pending();
-            self.check();
+            self.retry_pending(&touched);
+            self.check_owned();
         }
         self.now = end;
     }
@@ -357,8 +361,11 @@ impl Sim {
         }
     }
 
-    fn retry_pending(&mut self) {
-        for i in self.running() {
+    fn retry_pending(&mut self, peers: &[usize]) {
+        for &i in peers {
+            if self.peers[i].router.is_none() {
+                continue;
+            }
             let pending = std::mem::take(&mut self.peers[i].pending);
             for (id, subnet) in pending {
                 if !self.allocate(i, id.clone(), subnet) {
@@ -370,8 +377,15 @@ impl Sim {
 
     /// Safety: no address held twice; no address owned by two peers.
     fn check(&mut self) {
-        self.stats.checks += 1;
-        let mut held: BTreeMap<(Option<Cidr>, Ipv4Addr), (&str, usize)> = BTreeMap::new();
+        self.check_held();
+        self.check_owned();
+    }
+
+    /// No address held by two containers. Only an allocation gives a container an address, so
+    /// this runs after each (a step without one can't break it).
+    fn check_held(&mut self) {
+        let mut held: std::collections::HashMap<(Option<Cidr>, Ipv4Addr), (&str, usize)> =
+            std::collections::HashMap::new();
         for (i, p) in self.peers.iter().enumerate() {
             for (id, (subnet, a)) in &p.containers {
                 if let Some((other, j)) = held.insert((*subnet, *a), (id, i)) {
@@ -398,6 +412,12 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// No address owned by two peers (running, or in the persisted state of a stopped one),
+    /// after every step.
+    fn check_owned(&mut self) {
+        self.stats.checks += 1;
         let mut claims: BTreeMap<Cidr, Vec<(u64, u64, usize)>> = BTreeMap::new();
         for (i, p) in self.peers.iter().enumerate() {
             if p.gone {
