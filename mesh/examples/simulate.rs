@@ -137,7 +137,11 @@ fn main() {
                 // computation (N = 200: 156,000 messages, 359 MB within 100 ms): an IPAM
                 // issue, not a gossip one.
                 ipam: IpamConfig {
-                    init: Init::Observer,
+                    init: if std::env::var_os("SIM_IPAM_CONSENSUS").is_some() {
+                        Init::Consensus(3)
+                    } else {
+                        Init::Observer
+                    },
                     ..IpamConfig::default()
                 },
                 ..RouterConfig::default()
@@ -163,6 +167,10 @@ fn main() {
         sim.run_for(Duration::from_secs(60)).expect("no checks");
         let steady = (sim.stats().bytes - b0) as f64 / n as f64;
         phase(&sim, "steady");
+        eprintln!(
+            "N={n} bytes by kind since the start: {:?}",
+            sim.stats().bytes_by_kind
+        );
 
         // (a) A new peer joins through one existing peer.
         let b1 = sim.stats().bytes;

@@ -70,6 +70,9 @@ struct Sim {
     config: IpamConfig,
     subnets: Vec<Option<Cidr>>,
     stats: Stats,
+    /// Per peer, the ranges it owns in its own view (running) or persisted state (stopped), as
+    /// of the last change of that state; `None` once it changed.
+    owned: Vec<Option<Vec<(Cidr, u64, u64)>>>,
 }
 
 /// What one or more runs did, for the report of the long proof.
@@ -135,6 +138,7 @@ impl Sim {
             config,
             subnets: vec![None, Some("10.2.1.0/24".parse().unwrap())],
             stats: Stats::default(),
+            owned: Vec::new(),
         };
         for name in names.iter().copied() {
             let init = if seeded {
@@ -194,12 +198,14 @@ impl Sim {
         }
         p.router = Some(router);
         p.down_since = None;
+        self.forget_owned(i);
         self.drain(i);
         self.reconcile_links();
     }
 
     fn stop(&mut self, i: usize) {
         self.peers[i].router = None;
+        self.forget_owned(i);
         self.peers[i].down_since = Some(self.now);
         self.reconcile_links();
     }
@@ -268,6 +274,7 @@ impl Sim {
         }
         if persisted.is_some() {
             self.peers[i].persisted = persisted;
+            self.forget_owned(i);
         }
         assert!(
             lost.is_empty() || self.peers[i].leaving,
@@ -418,25 +425,32 @@ impl Sim {
     /// after every step.
     fn check_owned(&mut self) {
         self.stats.checks += 1;
+        self.owned.resize(self.peers.len(), None);
         let mut claims: BTreeMap<Cidr, Vec<(u64, u64, usize)>> = BTreeMap::new();
         for (i, p) in self.peers.iter().enumerate() {
             if p.gone {
                 continue;
             }
-            let rings = match &p.router {
-                Some(r) => r.ipam().rings(),
-                None => match &p.persisted {
-                    Some(v) => &v.state.rings[..],
-                    None => continue,
-                },
-            };
-            for ring in rings {
-                for r in ring.owned(p.name) {
-                    claims
-                        .entry(ring.subnet())
-                        .or_default()
-                        .push((r.start, r.end, i));
-                }
+            let owned = self.owned[i].get_or_insert_with(|| {
+                let rings = match &p.router {
+                    Some(r) => r.ipam().rings(),
+                    None => match &p.persisted {
+                        Some(v) => &v.state.rings[..],
+                        None => &[],
+                    },
+                };
+                rings
+                    .iter()
+                    .flat_map(|ring| {
+                        let subnet = ring.subnet();
+                        ring.owned(p.name)
+                            .into_iter()
+                            .map(move |r| (subnet, r.start, r.end))
+                    })
+                    .collect()
+            });
+            for &(subnet, start, end) in owned.iter() {
+                claims.entry(subnet).or_default().push((start, end, i));
             }
         }
         for (subnet, mut ranges) in claims {
@@ -451,6 +465,13 @@ impl Sim {
                     mesh::ipam::ip(w[1].0)
                 );
             }
+        }
+    }
+
+    /// Peer `i`'s rings or persisted state changed: its owned ranges are read again.
+    fn forget_owned(&mut self, i: usize) {
+        if let Some(o) = self.owned.get_mut(i) {
+            *o = None;
         }
     }
 

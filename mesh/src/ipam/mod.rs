@@ -399,7 +399,7 @@ impl Ipam {
     }
 
     /// Once after a change, what others have not heard from us yet: the universe and genesis
-    /// (small, and needed to read rings), the bootstrap votes if they changed, every ring that
+    /// (small, and needed to read rings), the bootstrap votes that changed, every ring that
     /// changed (whole: a ring is only safe to merge with every token its writer knew) and every
     /// record with a newer version. Merges like the full state; neighbours that connect later
     /// get the full state, and the periodic full state repairs anything lost.
@@ -410,10 +410,17 @@ impl Ipam {
         let sent = std::mem::replace(&mut self.sent, self.state.clone());
         let delta = IpamUpdate {
             universe: self.state.universe,
-            consensus: if self.state.consensus != sent.consensus {
-                self.state.consensus.clone()
-            } else {
-                Consensus::default()
+            // Only the participants whose acceptor state moved: merging is per participant, and
+            // sending all of them on every move made the bootstrap cost O(N) per change.
+            consensus: Consensus {
+                nodes: self
+                    .state
+                    .consensus
+                    .nodes
+                    .iter()
+                    .filter(|(p, n)| sent.consensus.nodes.get(p) != Some(*n))
+                    .map(|(p, n)| (*p, n.clone()))
+                    .collect(),
             },
             genesis: self.state.genesis.clone(),
             rings: self
