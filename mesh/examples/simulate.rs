@@ -11,7 +11,9 @@
 //! (its neighbours notice after the 6 s transport idle timeout), (c) gossip bytes per peer per
 //! minute in steady state and per peer to spread one change (the join), (d) memory of one
 //! router holding the full topology (unshared, measured with a counting allocator), (e) wall
-//! clock. Times are virtual; routers recompute routes at most every 100 ms; IPAM stays idle.
+//! clock. Times are virtual; routers recompute routes at most every 100 ms; IPAM stays idle
+//! (`SIM_IPAM_CONSENSUS=1`: every router takes part in a consensus bootstrap instead, to measure
+//! what that costs; per-kind byte counts go to stderr).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
