@@ -811,16 +811,20 @@ impl Control {
         }
     }
 
-    /// Recomputes the overlay of every peer; marks the table dirty if the VXLAN set changed.
-    fn evaluate_overlays(&mut self, now: Instant) {
+    /// Every peer in the topology but us.
+    fn other_peers(&self) -> Vec<PeerName> {
         let me = self.local.name;
-        let peers: Vec<PeerName> = self
-            .router
+        self.router
             .topology()
             .peers()
             .map(|p| p.name)
             .filter(|p| *p != me)
-            .collect();
+            .collect()
+    }
+
+    /// Recomputes the overlay of every peer; marks the table dirty if the VXLAN set changed.
+    fn evaluate_overlays(&mut self, now: Instant) {
+        let peers = self.other_peers();
         let mut choices = BTreeMap::new();
         let children = self.own_children();
         for peer in peers {
@@ -1003,13 +1007,7 @@ impl Control {
             })
             .collect();
         let me = self.local.name;
-        let known: HashSet<PeerName> = self
-            .router
-            .topology()
-            .peers()
-            .map(|p| p.name)
-            .filter(|p| *p != me)
-            .collect();
+        let known: HashSet<PeerName> = self.other_peers().into_iter().collect();
         self.peer_traffic.retain(|p, _| known.contains(p));
         for peer in known {
             self.peer_traffic.entry(peer).or_default();

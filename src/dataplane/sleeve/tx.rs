@@ -26,7 +26,7 @@ use mesh::PeerName;
 use super::frame::{self, BodyHeader, SegmentMeta, FLAG_RELAY_ONLY, FLAG_SEGMENT};
 use super::icmp;
 use super::offload::{self, Layout, VnetHdr, FRAME_MAX, F_NEEDS_CSUM, VNET_HDR_LEN};
-use super::{bump, Dest, Sender, Shared, Snapshot, HOP_LIMIT, IDLE_POLL};
+use super::{bump, Dest, Sender, Shared, Snapshot, TxSession, HOP_LIMIT, IDLE_POLL};
 
 /// Frames read from the TAP in one burst are packed into one datagram while its body stays under
 /// this many bytes (a first frame always goes, whatever its size).
@@ -45,7 +45,9 @@ struct Batch {
 struct Tx {
     shared: Arc<Shared>,
     snapshot: Arc<Snapshot>,
-    macs: HashMap<[u8; 6], PeerName>,
+    /// Learned MACs: the peer behind each, and the session to that peer's next hop (resolved
+    /// once per snapshot, so a frame costs no route lookup to check its size).
+    macs: HashMap<[u8; 6], (PeerName, Option<Arc<TxSession>>)>,
     batch: Batch,
     sender: Sender,
     /// Scratch for one finished TCP segment.
@@ -92,13 +94,18 @@ impl Tx {
             let table = &self.snapshot.table;
             // A MAC still mapped to a peer that moved to VXLAN would send a frame the bridge
             // flooded to the VXLAN port a second time, over the sleeve.
-            self.macs.retain(|_, owner| {
+            self.macs.retain(|_, (owner, _)| {
                 table.unicast.contains_key(owner) && !table.vxlan.contains_key(owner)
             });
+            let snapshot = &self.snapshot;
+            for (owner, via) in self.macs.values_mut() {
+                *via = hop_session(snapshot, *owner);
+            }
         }
         while let Ok((mac, owner)) = macs.try_recv() {
             if !self.snapshot.table.vxlan.contains_key(&owner) {
-                self.macs.insert(mac, owner);
+                let via = hop_session(&self.snapshot, owner);
+                self.macs.insert(mac, (owner, via));
             }
         }
     }
@@ -119,15 +126,19 @@ impl Tx {
             );
             return bump(&self.shared.counters.drop_bad_tap_frame, 1);
         };
-        let dest = match self.macs.get(dst_mac) {
-            Some(owner) if dst_mac[0] & 1 == 0 => Dest::Peer(*owner),
-            _ => Dest::Broadcast,
+        // `limit`: the largest frame the path to the next hop carries (0: no limit known).
+        let (dest, limit) = match self.macs.get(dst_mac) {
+            Some((owner, via)) if dst_mac[0] & 1 == 0 => (
+                Dest::Peer(*owner),
+                via.as_ref().map_or(0, |s| s.params.traffic.max_frame()),
+            ),
+            _ => (Dest::Broadcast, 0),
         };
         if vnet.is_gso() {
-            return self.handle_super_frame(&vnet, frame, dest);
+            return self.handle_super_frame(&vnet, frame, dest, limit);
         }
-        if self.too_big(dest, frame.len(), frame) {
-            return;
+        if limit > 0 && frame.len() > limit {
+            return self.too_big(frame, limit);
         }
         if vnet.flags & F_NEEDS_CSUM != 0
             && offload::finish_checksum(frame, vnet.csum_start, vnet.csum_offset).is_err()
@@ -140,7 +151,7 @@ impl Tx {
 
     /// Sends a TCP super-frame: as segments to a peer that joins them, else as finished frames.
     // HOT PATH
-    fn handle_super_frame(&mut self, vnet: &VnetHdr, frame: &[u8], dest: Dest) {
+    fn handle_super_frame(&mut self, vnet: &VnetHdr, frame: &[u8], dest: Dest, limit: usize) {
         let layout = match Layout::parse(vnet.gso_type, vnet.csum_start, frame) {
             Ok(l) if vnet.gso_size > 0 && vnet.csum_offset == 16 => l,
             _ => {
@@ -149,8 +160,8 @@ impl Tx {
             }
         };
         let gso_size = usize::from(vnet.gso_size);
-        if self.too_big(dest, layout.hdr_len + gso_size, frame) {
-            return;
+        if limit > 0 && layout.hdr_len + gso_size > limit {
+            return self.too_big(frame, limit);
         }
         let (headers, payload) = frame.split_at(layout.hdr_len);
         let count = payload.len().div_ceil(gso_size).max(1);
@@ -222,23 +233,9 @@ impl Tx {
         }
     }
 
-    /// Whether a frame for `dest` whose datagrams carry `size` bytes of frame each is too big for
-    /// the path to its next hop; if so it is dropped, counted, and its sender told the MTU.
-    // HOT PATH
-    fn too_big(&mut self, dest: Dest, size: usize, frame: &[u8]) -> bool {
-        let Dest::Peer(peer) = dest else {
-            return false;
-        };
-        let snapshot = &self.snapshot;
-        let limit = snapshot
-            .table
-            .unicast
-            .get(&peer)
-            .and_then(|hop| snapshot.sessions.get(hop))
-            .map_or(0, |s| s.params.traffic.max_frame());
-        if limit == 0 || size <= limit {
-            return false;
-        }
+    /// Drops a frame too big for the path to its next hop (its datagrams would carry more than
+    /// `limit` bytes of frame each), counts it, and tells its sender the MTU that fits.
+    fn too_big(&mut self, frame: &[u8], limit: usize) {
         bump(&self.shared.counters.drop_too_big, 1);
         let mtu = limit.saturating_sub(frame::ETHERNET_HEADER_LEN);
         if let Some(answer) = icmp::too_big(frame, mtu) {
@@ -251,7 +248,6 @@ impl Tx {
                 tracing::debug!(error = %e, "write ICMP too-big to tap");
             }
         }
-        true
     }
 
     /// Adds a finished frame to the packed batch for `dest`.
@@ -333,4 +329,10 @@ impl Tx {
             },
         }
     }
+}
+
+/// The sending half of the session to `peer`'s next hop in `snapshot`, if there is one.
+fn hop_session(snapshot: &Snapshot, peer: PeerName) -> Option<Arc<TxSession>> {
+    let hop = snapshot.table.unicast.get(&peer)?;
+    snapshot.sessions.get(hop).cloned()
 }
