@@ -97,13 +97,6 @@ pub const CONN_LIMIT_DEFAULT: usize = 16;
 /// arriving later can't bring it back; every peer must have heard of the removal by then.
 pub const DNS_TOMBSTONE_GRACE: Duration = Duration::from_secs(600);
 
-/// A digest that differs within this long of our last topology change is most likely a change
-/// still spreading by flooding, which settles it without anti-entropy; see [`DIGEST_DEFER_MAX`].
-const DIGEST_SETTLE: Duration = Duration::from_secs(2);
-/// How many differing digests in a row one connection may have deferred that way, so that a mesh
-/// that never stops changing still repairs what flooding lost.
-const DIGEST_DEFER_MAX: u8 = 2;
-
 /// Entries of small updates remembered per connection for duplicate suppression.
 const HEARD_MAX: usize = 256;
 /// Updates with more entries than this (full states) are not remembered per connection.
@@ -192,8 +185,6 @@ struct Connection {
     /// connection is not announced in our entry and gets no gossip, so a dial the remote
     /// refuses (at its connection limit) changes nothing anyone else sees.
     accepted: bool,
-    /// Differing digests from this neighbour left unanswered in a row (see [`DIGEST_SETTLE`]).
-    digests_deferred: u8,
 }
 
 /// The mesh control plane of one peer. See the module docs for the call order.
@@ -214,8 +205,6 @@ pub struct Router {
     dns: Records,
     /// When the delayed route computation is due, if a change is pending.
     dirty: Option<Instant>,
-    /// When our topology last changed.
-    last_change: Instant,
     /// Target addresses that others announce for peers we are connected to (refreshed with
     /// the routes); together with our connections' addresses these are never dialed.
     covered: BTreeSet<SocketAddr>,
@@ -253,7 +242,6 @@ impl Router {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             dirty: None,
-            last_change: now,
             covered: BTreeSet::new(),
             broadcast_cache: NameMap::default(),
             heard: BTreeMap::new(),
@@ -328,7 +316,6 @@ impl Router {
                 addr,
                 outbound,
                 accepted: !outbound,
-                digests_deferred: 0,
             },
         );
         if outbound {
@@ -442,16 +429,7 @@ impl Router {
                 self.topology_changed(now);
             }
             Message::Digest { digest, .. } => {
-                let settling = now.saturating_duration_since(self.last_change) < DIGEST_SETTLE;
-                let Some(c) = self.conns.get_mut(&conn) else {
-                    return;
-                };
-                if digest == self.topology.digest() {
-                    c.digests_deferred = 0;
-                } else if settling && c.digests_deferred < DIGEST_DEFER_MAX {
-                    c.digests_deferred += 1;
-                } else {
-                    c.digests_deferred = 0;
+                if digest != self.topology.digest() {
                     let entries = self.topology.versions();
                     self.send(
                         conn,
@@ -806,7 +784,6 @@ impl Router {
 
     /// Recomputes the routes now, or schedules that `route_delay` from now.
     fn topology_changed(&mut self, now: Instant) {
-        self.last_change = now;
         if self.config.route_delay.is_zero() {
             self.recompute(now);
         } else if self.dirty.is_none() {
