@@ -926,8 +926,9 @@ impl Ipam {
         (self.allocator.free(subnet, &entries), entries)
     }
 
-    /// Gives half of our largest free run to a reachable peer that asks, if we are the peer
-    /// with the most free space in our view, or nobody else answered for a while.
+    /// Gives half of our largest free run (a single free address whole) to a reachable peer that
+    /// asks, if we are the peer with the most free space in our view, or nobody else answered
+    /// for a while.
     fn donate_step(&mut self, now: Instant) {
         let requests: Vec<(PeerName, u64, Cidr)> = self
             .state
@@ -940,8 +941,11 @@ impl Ipam {
             if self.donated.contains(&(peer, version, subnet)) {
                 continue;
             }
+            // Our last free address goes too, unless we wait for space there ourselves: when
+            // every owner has one left, keeping them would starve the asker for good.
             let (free, entries) = self.own_free(subnet);
-            if free < 2 {
+            let we_want = self.state.records[&self.me].wants.contains(&subnet);
+            if free == 0 || (free == 1 && we_want) {
                 continue;
             }
             let first_seen = *self.requests_seen.entry((peer, version)).or_insert(now);
