@@ -9,6 +9,14 @@
 //! vanished peer) voted for it. Two sides of a partition cannot both reach a majority of the
 //! same electorate, because nobody votes twice.
 //!
+//! Votes can split: claims made on both sides of a partition each gather votes there, and after
+//! healing none may reach a majority, so the space would stay with the vanished peer for good.
+//! So a claimer that sees a smaller claimer for the same peer yields to it, once and for good
+//! (`yielded`, also gossiped): from then on it never takes that peer over, and the votes it got
+//! count for the claimer it yielded to (and on along further yields, always to smaller names,
+//! so there are no cycles). A vote still counts for at most one winner: it counts for another
+//! claimer only after the one it was cast for has given up winning.
+//!
 //! Known limit: the electorate is the claimer's view. If both sides of a long partition give
 //! space to many new peers, their electorates differ and the majority argument weakens; the
 //! simulator keeps new owners to one side at a time. Weave equivalent: `rmpeer`, without safety.
@@ -30,6 +38,9 @@ pub struct Claims {
     pub votes: BTreeMap<PeerName, PeerName>,
     /// Vanished peers this peer took over.
     pub done: BTreeSet<PeerName>,
+    /// Per vanished peer, the smaller claimer this peer yielded its claim (and the votes it got)
+    /// to. Never changes once set; a peer never takes over one it yielded.
+    pub yielded: BTreeMap<PeerName, PeerName>,
 }
 
 impl Claims {
@@ -46,6 +57,42 @@ impl Claims {
 }
 
 impl Ipam {
+    /// The claimer a vote for `claimer` on `gone` counts for: `claimer`, or where its yields lead.
+    fn vote_goes_to(&self, gone: PeerName, mut claimer: PeerName) -> PeerName {
+        // Yields only go to smaller names, so this ends; the bound is for corrupt records.
+        for _ in 0..self.state.records.len() {
+            let next = self
+                .state
+                .records
+                .get(&claimer)
+                .and_then(|r| r.claims.yielded.get(&gone));
+            match next {
+                Some(&to) if to < claimer => claimer = to,
+                _ => break,
+            }
+        }
+        claimer
+    }
+
+    /// Votes of the electorate (without `gone`) on `gone` that count for `claimer`.
+    fn votes_for(
+        &self,
+        gone: PeerName,
+        claimer: PeerName,
+        electorate: &BTreeSet<PeerName>,
+    ) -> usize {
+        electorate
+            .iter()
+            .filter(|v| {
+                self.state
+                    .records
+                    .get(v)
+                    .and_then(|r| r.claims.votes.get(&gone))
+                    .is_some_and(|&c| self.vote_goes_to(gone, c) == claimer)
+            })
+            .count()
+    }
+
     /// Every peer that takes part in reclaim votes, in our view, without `gone`.
     fn electorate(&self, gone: PeerName) -> BTreeSet<PeerName> {
         let mut e: BTreeSet<PeerName> = self.state.genesis.iter().flatten().copied().collect();
@@ -83,6 +130,14 @@ impl Ipam {
 
     pub(super) fn claims_step(&mut self, now: Instant) {
         let mut changed = false;
+        // An owner we never saw reachable (we restarted, or joined, after it vanished) is
+        // unreachable from the first time we look; else its space would wait for peers that
+        // saw it leave, and after enough restarts and newcomers nobody would vote on it.
+        for x in self.electorate(self.me) {
+            if !self.reachable.contains(&x) {
+                self.unreachable_since.entry(x).or_insert(now);
+            }
+        }
         // Claim: the smallest reachable peer (or us) claims every owner gone for long enough.
         let smallest = self.reachable.iter().copied().chain([self.me]).min();
         if smallest == Some(self.me) {
@@ -113,15 +168,36 @@ impl Ipam {
             rec.claims.votes.insert(x, claimer);
             changed = true;
         }
-        // Win: take over once a majority of the electorate voted for us.
+        // Yield: to a smaller claimer of the same peer, unless we took it over already.
         let mine: Vec<PeerName> = self.state.records[&self.me]
             .claims
             .claims
             .keys()
             .copied()
             .collect();
+        for &x in &mine {
+            let own = &self.state.records[&self.me].claims;
+            if own.done.contains(&x) || own.yielded.contains_key(&x) {
+                continue;
+            }
+            let smaller = self
+                .state
+                .records
+                .iter()
+                .filter(|(c, r)| **c < self.me && r.claims.claims.contains_key(&x))
+                .map(|(c, _)| *c)
+                .min();
+            if let Some(to) = smaller {
+                let rec = self.state.records.get_mut(&self.me).expect("own record");
+                rec.claims.yielded.insert(x, to);
+                changed = true;
+            }
+        }
+        // Win: take over once a majority of the electorate voted for us (directly or through
+        // claimers that yielded to us).
         for x in mine {
-            if self.state.records[&self.me].claims.done.contains(&x) || !self.owns_space(x) {
+            let own = &self.state.records[&self.me].claims;
+            if own.done.contains(&x) || own.yielded.contains_key(&x) || !self.owns_space(x) {
                 continue;
             }
             // Votes are for good, but a claim wins only while its peer is still gone for us: a
@@ -131,16 +207,7 @@ impl Ipam {
                 continue;
             }
             let electorate = self.electorate(x);
-            let votes = electorate
-                .iter()
-                .filter(|v| {
-                    self.state
-                        .records
-                        .get(v)
-                        .and_then(|r| r.claims.votes.get(&x))
-                        == Some(&self.me)
-                })
-                .count();
+            let votes = self.votes_for(x, self.me, &electorate);
             if votes * 2 <= electorate.len() {
                 continue;
             }
@@ -173,18 +240,11 @@ impl Ipam {
         for (c, r) in &self.state.records {
             for (x, forced) in &r.claims.claims {
                 let electorate = self.electorate(*x);
-                let votes = electorate
-                    .iter()
-                    .filter(|v| {
-                        self.state
-                            .records
-                            .get(v)
-                            .and_then(|r| r.claims.votes.get(x))
-                            == Some(c)
-                    })
-                    .count();
+                let votes = self.votes_for(*x, *c, &electorate);
                 let state = if r.claims.done.contains(x) {
                     "taken over".to_string()
+                } else if let Some(to) = r.claims.yielded.get(x) {
+                    format!("yielded to {to}")
                 } else {
                     format!(
                         "{votes} of {} votes, needs {}",
