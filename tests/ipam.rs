@@ -248,3 +248,124 @@ fn blocked_attach_says_what_it_waits_for() {
     let (status, out, _) = a.meshctl(&["ipam"]);
     assert!(status.success() && out.contains("waiting:"), "{out}");
 }
+
+/// Owned addresses per owner (peer name) in the default subnet, from `host`'s `meshctl ipam --json`.
+fn owners(host: &Host) -> BTreeMap<String, u64> {
+    let j = ipam_json(host);
+    let mut out = BTreeMap::new();
+    for s in j["subnets"].as_array().into_iter().flatten() {
+        if s["subnet"] != "10.32.0.0/12" {
+            continue;
+        }
+        for o in s["owners"].as_array().into_iter().flatten() {
+            let who = o["peer"].as_str().unwrap_or_default().to_owned();
+            let owned = o["owned"].as_u64().unwrap_or(0);
+            if owned > 0 {
+                out.insert(who, owned);
+            }
+        }
+    }
+    out
+}
+
+/// Goal: space never stays with a router that is gone. `meshctl reset` hands a router's space
+/// to a live peer before it stops; `meshctl rmpeer` gives a router killed for good back to the
+/// others once the remaining owners agree; containers keep getting unique addresses throughout.
+/// Method: a, b, c found the ring together (consensus=3), each attaches a container; c resets:
+/// its container is detached, and a's view shows a and b owning the whole range; b is killed
+/// with -9 and a runs `rmpeer`: a's view shows a owning everything, and a new container on a
+/// gets an address unique among the live routers' containers.
+#[test]
+fn reset_hands_space_over_and_rmpeer_reclaims_a_dead_router() {
+    if lab::skip_unless_root("reset_hands_space_over_and_rmpeer_reclaims_a_dead_router") {
+        return;
+    }
+    // 10.32.0.0/12 without its network and broadcast addresses.
+    const RANGE: u64 = (1 << 20) - 2;
+    let lab = Lab::new();
+    let hosts = [lab.host("a"), lab.host("b"), lab.host("c")];
+    let addrs = lab.switch(&[&hosts[0], &hosts[1], &hosts[2]]);
+    let a_addr = addrs[0].to_string();
+    let init = ["--ipalloc-init", "consensus=3"];
+    hosts[0].launch(&init);
+    let joiner = [init[0], init[1], a_addr.as_str()];
+    hosts[1].launch(&joiner);
+    hosts[2].launch(&joiner);
+    let mut all: Vec<(Host, Container)> = Vec::new();
+    for h in &hosts {
+        let c = lab.container(h);
+        attach_ok(&lab, h, &c, &[]);
+        all.push((h.clone(), c));
+    }
+    assert_unique(&lab, &all);
+    let [a, b, c] = &hosts;
+    // Owners are listed by nickname only while the topology still holds them: compare names.
+    let status = a.status_json();
+    let name_of = |nick: &str| -> String {
+        status["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["nickname"] == nick)
+            .and_then(|p| p["name"].as_str())
+            .unwrap_or_else(|| panic!("a does not know {nick}: {status}"))
+            .to_owned()
+    };
+    let (name_b, name_c) = (name_of("b"), name_of("c"));
+    let name_a = status["name"].as_str().expect("a's name").to_owned();
+    let mut seen = BTreeMap::new();
+    let founded = lab::wait_for(WAIT_MAX, || {
+        seen = owners(a);
+        seen.len() == 3 && seen.values().sum::<u64>() == RANGE
+    });
+    assert!(founded, "a's view of the owners: {seen:?}{}", lab.report());
+
+    let (status, out, err) = c.meshctl(&["reset"]);
+    assert!(
+        status.success()
+            && out.contains("detached 1 container")
+            && out.contains("handed this router's address space to"),
+        "reset on c: {out}{err}{}",
+        lab.report()
+    );
+    // c's container leaves with it: its address now belongs to another router.
+    assert!(
+        addrs_of(&all[2].1).is_empty(),
+        "c's container kept {:?} after reset",
+        addrs_of(&all[2].1)
+    );
+    let handed = lab::wait_for(WAIT_MAX, || {
+        seen = owners(a);
+        !seen.contains_key(&name_c) && seen.len() == 2 && seen.values().sum::<u64>() == RANGE
+    });
+    assert!(
+        handed,
+        "after c's reset, a's view of the owners: {seen:?}{}",
+        lab.report()
+    );
+
+    b.kill9();
+    let gone = lab::wait_for(WAIT_MAX, || reachable_count(a) == 0);
+    assert!(gone, "a still reaches b after kill -9{}", lab.report());
+    let (status, out, err) = a.meshctl(&["rmpeer", &name_b]);
+    assert!(
+        status.success() && out.contains("reclaim of"),
+        "rmpeer b on a: {out}{err}"
+    );
+    let reclaimed = lab::wait_for(WAIT_MAX, || {
+        seen = owners(a);
+        seen.len() == 1 && seen.get(&name_a) == Some(&RANGE)
+    });
+    assert!(
+        reclaimed,
+        "after rmpeer b, a's view of the owners: {seen:?}\n{}{}",
+        ipam_json(a),
+        lab.report()
+    );
+    // b's space is a's now: b's container went with b, and its address may be given again.
+    let d = lab.container(a);
+    let ip = attach_ok(&lab, a, &d, &[]);
+    let live = vec![all[0].clone(), (a.clone(), d)];
+    let unique = assert_unique(&lab, &live);
+    assert!(unique.contains_key(&ip));
+}

@@ -485,8 +485,33 @@ async fn ipam(State(state): State<ApiState>) -> Result<Json<IpamStatus>, ApiErro
     Ok(Json(ask(&state, Call::Ipam).await?))
 }
 
+/// `meshctl reset`: this host leaves the mesh and its space goes to another router. Containers
+/// attached here (by `attach` or CNI) would keep addresses that router may give out again, and
+/// clash the day a router runs here again, so they are detached first. Docker's endpoints are
+/// Docker's to remove.
 async fn reset(State(state): State<ApiState>) -> Result<Json<String>, ApiError> {
-    Ok(Json(ask(&state, Call::Reset).await?))
+    let mut detached = 0;
+    for (host_ifname, entry) in state.containers.list() {
+        if entry.via != crate::plugin::containers::Via::Attach {
+            continue;
+        }
+        match state.netlink.delete_link(&host_ifname).await {
+            Ok(()) => {
+                state.containers.remove(&host_ifname);
+                detached += 1;
+            }
+            Err(e) => tracing::warn!(
+                "reset: could not detach {} ({host_ifname}): {e:#}",
+                entry.container
+            ),
+        }
+    }
+    let said = ask(&state, Call::Reset).await?;
+    Ok(Json(if detached > 0 {
+        format!("detached {detached} container(s); {said}")
+    } else {
+        said
+    }))
 }
 
 async fn rmpeer(

@@ -40,6 +40,8 @@ mod names;
 
 /// How long a dial or an accepted connection may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long stopping waits for queued control messages to reach the peers.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
 /// How many refused inbound attempts status remembers, and for how long.
 const REFUSALS_MAX: usize = 32;
 const REFUSAL_TTL: Duration = Duration::from_secs(600);
@@ -194,6 +196,9 @@ struct Conn {
     outbound: bool,
     connection: quinn::Connection,
     tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// The task writing `tx`'s messages to the stream; it ends once `tx` is dropped and the
+    /// peer has read everything.
+    writer: tokio::task::JoinHandle<()>,
     session: Arc<SessionParams>,
     /// What the peer offers for the fast path.
     vxlan: Option<VxlanHello>,
@@ -364,8 +369,23 @@ impl Control {
             self.drain();
         }
         accept.abort();
-        for conn in self.conns.values() {
-            conn.connection.close(0u32.into(), b"router stopping");
+        // Let each writer send what is queued (after `meshctl reset`, the hand-over of our
+        // space) before the connections close: closing discards unsent data. Bounded, for
+        // peers that no longer read.
+        // Dropping each `Conn` drops its queue's sender, which lets its writer finish.
+        let mut conns: Vec<(quinn::Connection, tokio::task::JoinHandle<()>)> = self
+            .conns
+            .drain()
+            .map(|(_, c)| (c.connection, c.writer))
+            .collect();
+        let flushed = async {
+            for (_, writer) in &mut conns {
+                let _ = writer.await;
+            }
+        };
+        let _ = tokio::time::timeout(FLUSH_WAIT, flushed).await;
+        for (connection, _) in &conns {
+            connection.close(0u32.into(), b"router stopping");
         }
         self.settings
             .endpoint
@@ -474,7 +494,7 @@ impl Control {
             probe.local_addr().ok().map(|a| a.ip())
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(new.send, rx));
+        let writer = tokio::spawn(writer(new.send, rx));
         tokio::spawn(reader(
             id,
             new.connection.clone(),
@@ -494,6 +514,7 @@ impl Control {
                 outbound: new.outbound,
                 connection: new.connection,
                 tx,
+                writer,
                 session,
                 vxlan: remote.vxlan,
                 local_ip,
@@ -1372,10 +1393,13 @@ async fn accept_loop(
 async fn writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
     while let Some(bytes) = rx.recv().await {
         if handshake::write_frame(&mut send, &bytes).await.is_err() {
-            break;
+            return;
         }
     }
-    let _ = send.finish();
+    // Our side is done: end the stream and wait until the peer has read it all.
+    if send.finish().is_ok() {
+        let _ = send.stopped().await;
+    }
 }
 
 async fn reader(

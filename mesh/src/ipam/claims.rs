@@ -5,8 +5,8 @@
 //! taken over. The smallest reachable peer claims it in its own [`Claims`]; every peer that
 //! also finds it unreachable votes for one claimer per vanished peer, once and for good (the
 //! vote is persisted with the record). The claimer takes over the ranges only when a strict
-//! majority of the electorate (the genesis members and every owner in its rings, without the
-//! vanished peer) voted for it. Two sides of a partition cannot both reach a majority of the
+//! majority of the electorate (every owner in its rings, without the vanished peer) voted for
+//! it. Two sides of a partition cannot both reach a majority of the
 //! same electorate, because nobody votes twice.
 //!
 //! Votes can split: claims made on both sides of a partition each gather votes there, and after
@@ -93,9 +93,11 @@ impl Ipam {
             .count()
     }
 
-    /// Every peer that takes part in reclaim votes, in our view, without `gone`.
+    /// Every peer that takes part in reclaim votes, in our view, without `gone`: the peers that
+    /// own space. A founder that owns nothing any more (it handed everything over with `meshctl
+    /// reset`) has no say: counting it would leave every later reclaim one vote short for good.
     fn electorate(&self, gone: PeerName) -> BTreeSet<PeerName> {
-        let mut e: BTreeSet<PeerName> = self.state.genesis.iter().flatten().copied().collect();
+        let mut e: BTreeSet<PeerName> = BTreeSet::new();
         for ring in &self.state.rings {
             e.extend(ring.owners());
         }
