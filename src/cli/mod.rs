@@ -129,8 +129,9 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Hand this router's address space to a live peer, stop the router and remove its IPAM
-    /// state (before removing the host from the mesh).
+    /// Leave the mesh: detach the containers attached here, hand this router's address space to
+    /// a live peer, stop the router and remove its IPAM state (before removing the host from the
+    /// mesh).
     Reset,
     /// Reclaim the address space of a peer that is gone for good, once a quorum of the peers
     /// that knew it agrees (it must be unreachable).
