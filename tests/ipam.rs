@@ -97,20 +97,28 @@ fn assert_unique(lab: &Lab, all: &[(Host, Container)]) -> BTreeMap<Ipv4Addr, Str
     seen
 }
 
+/// a, b and c on one switch, founding the ring together (consensus=3; b and c join through a).
+/// Also returns a joiner's launch arguments, to relaunch one.
+fn three_founders(lab: &Lab) -> ([Host; 3], Vec<String>) {
+    let hosts = [lab.host("a"), lab.host("b"), lab.host("c")];
+    let addrs = lab.switch(&[&hosts[0], &hosts[1], &hosts[2]]);
+    let init = ["--ipalloc-init", "consensus=3"];
+    hosts[0].launch(&init);
+    let joiner = vec![init[0].to_owned(), init[1].to_owned(), addrs[0].to_string()];
+    let args: Vec<&str> = joiner.iter().map(String::as_str).collect();
+    hosts[1].launch(&args);
+    hosts[2].launch(&args);
+    (hosts, joiner)
+}
+
 #[test]
 fn sixty_containers_unique_through_kill9_and_partition() {
     if lab::skip_unless_root("sixty_containers_unique_through_kill9_and_partition") {
         return;
     }
     let lab = Lab::new();
-    let hosts = [lab.host("a"), lab.host("b"), lab.host("c")];
-    let addrs = lab.switch(&[&hosts[0], &hosts[1], &hosts[2]]);
-    let a_addr = addrs[0].to_string();
-    let init = ["--ipalloc-init", "consensus=3"];
-    hosts[0].launch(&init);
-    let joiner = [init[0], init[1], a_addr.as_str()];
-    hosts[1].launch(&joiner);
-    hosts[2].launch(&joiner);
+    let (hosts, joiner) = three_founders(&lab);
+    let joiner: Vec<&str> = joiner.iter().map(String::as_str).collect();
 
     let mut all: Vec<(Host, Container)> = Vec::new();
     for i in 0..60 {
@@ -283,14 +291,7 @@ fn reset_hands_space_over_and_rmpeer_reclaims_a_dead_router() {
     // 10.32.0.0/12 without its network and broadcast addresses.
     const RANGE: u64 = (1 << 20) - 2;
     let lab = Lab::new();
-    let hosts = [lab.host("a"), lab.host("b"), lab.host("c")];
-    let addrs = lab.switch(&[&hosts[0], &hosts[1], &hosts[2]]);
-    let a_addr = addrs[0].to_string();
-    let init = ["--ipalloc-init", "consensus=3"];
-    hosts[0].launch(&init);
-    let joiner = [init[0], init[1], a_addr.as_str()];
-    hosts[1].launch(&joiner);
-    hosts[2].launch(&joiner);
+    let (hosts, _) = three_founders(&lab);
     let mut all: Vec<(Host, Container)> = Vec::new();
     for h in &hosts {
         let c = lab.container(h);
