@@ -15,8 +15,10 @@
 //! - message: merge; pass the delta on to everyone but the sender (to the sender as well when
 //!   the delta holds our own entry, which happens when the sender held a stale copy of us),
 //!   leaving out entries a neighbour itself sent us recently (duplicate suppression). A digest
-//!   that differs from ours is answered with the versions we hold, and the two sides then send
-//!   each other only the entries the other lacks (see [`Message::Versions`]).
+//!   that differs from ours is answered with the versions we hold (in a mesh of more than 64
+//!   peers, first with per-bucket digests, then the versions of the buckets that differ), and the
+//!   two sides then send each other only the entries the other lacks (see [`Message::Versions`],
+//!   [`Message::Buckets`]).
 //! - disconnected: drop the connection from our entry and gossip the delta.
 //! - timeout: our digest to [`gossip::FANOUT`] random neighbours every `gossip_interval`, the
 //!   delayed route computation, collection of peers unreachable for `gc_grace`, due dials.
@@ -56,7 +58,9 @@ use crate::gossip::{self, Channel, Periodic};
 use crate::ipam::{AllocError, Ipam, IpamConfig, IpamEvent, Persisted, RestoreError};
 use crate::peer::{ConnId, PeerName};
 use crate::routes::{self, Routes};
-use crate::topology::{ConnectionInfo, NameMap, Topology, TopologyUpdate, Version};
+use crate::topology::{
+    BucketMask, ConnectionInfo, NameMap, Topology, TopologyUpdate, Version, ALL_BUCKETS,
+};
 use crate::wire::{self, DecodeError, Message};
 
 /// Settings for one router, fixed for its life.
@@ -99,6 +103,10 @@ pub const DNS_TOMBSTONE_GRACE: Duration = Duration::from_secs(600);
 
 /// Entries of small updates remembered per connection for duplicate suppression.
 const HEARD_MAX: usize = 256;
+/// A differing digest is answered with the whole version list up to this many reachable
+/// entries (about 1 kB), and with the 64 bucket digests (515 bytes) above it, which then cost
+/// only the lists of the buckets that differ.
+const WHOLE_VERSIONS_MAX: usize = 64;
 /// Updates with more entries than this (full states) are not remembered per connection.
 const HEARD_UPDATE_MAX: usize = 16;
 
@@ -430,10 +438,28 @@ impl Router {
             }
             Message::Digest { digest, .. } => {
                 if digest != self.topology.digest() {
-                    let entries = self.topology.versions();
+                    let entries = self.topology.versions(ALL_BUCKETS);
+                    let answer = if entries.len() <= WHOLE_VERSIONS_MAX {
+                        Message::Versions {
+                            entries,
+                            reply: true,
+                        }
+                    } else {
+                        Message::Buckets {
+                            digests: self.topology.bucket_digests(),
+                        }
+                    };
+                    self.send(conn, answer);
+                }
+            }
+            Message::Buckets { digests } => {
+                let buckets = self.topology.differing_buckets(&digests);
+                if buckets != 0 {
+                    let entries = self.topology.versions(buckets);
                     self.send(
                         conn,
-                        Message::Versions {
+                        Message::BucketVersions {
+                            buckets,
                             entries,
                             reply: true,
                         },
@@ -441,20 +467,14 @@ impl Router {
                 }
             }
             Message::Versions { entries, reply } => {
-                let theirs_lack = self.topology.newer_than(&entries);
-                if !theirs_lack.is_empty() {
-                    self.send(conn, Message::Gossip(theirs_lack));
-                }
-                if reply && self.topology.lacks_any(&entries) {
-                    let entries = self.topology.versions();
-                    self.send(
-                        conn,
-                        Message::Versions {
-                            entries,
-                            reply: false,
-                        },
-                    );
-                }
+                self.answer_versions(conn, ALL_BUCKETS, &entries, reply);
+            }
+            Message::BucketVersions {
+                buckets,
+                entries,
+                reply,
+            } => {
+                self.answer_versions(conn, buckets, &entries, reply);
             }
             Message::Ipam(update) => {
                 self.ipam.merge(now, *update);
@@ -465,6 +485,37 @@ impl Router {
                     self.send_dns(Some(conn), delta);
                 }
             }
+        }
+    }
+
+    /// Answers a version list of the buckets `buckets`: the entries there that its sender
+    /// lacks, and, if `reply` and it lists something we lack, our own list of those buckets.
+    fn answer_versions(
+        &mut self,
+        conn: ConnId,
+        buckets: BucketMask,
+        entries: &[(PeerName, Version)],
+        reply: bool,
+    ) {
+        let theirs_lack = self.topology.newer_than(entries, buckets);
+        if !theirs_lack.is_empty() {
+            self.send(conn, Message::Gossip(theirs_lack));
+        }
+        if reply && self.topology.lacks_any(entries) {
+            let entries = self.topology.versions(buckets);
+            let list = if buckets == ALL_BUCKETS {
+                Message::Versions {
+                    entries,
+                    reply: false,
+                }
+            } else {
+                Message::BucketVersions {
+                    buckets,
+                    entries,
+                    reply: false,
+                }
+            };
+            self.send(conn, list);
         }
     }
 

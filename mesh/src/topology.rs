@@ -139,6 +139,27 @@ fn digest_of(name: PeerName, version: Version) -> u64 {
     h.finish()
 }
 
+/// How many buckets [`Topology::bucket_digests`] splits the reachable entries into.
+pub const DIGEST_BUCKETS: usize = 64;
+
+/// A set of digest buckets, bit `i` for bucket `i`.
+pub type BucketMask = u64;
+
+/// Every bucket.
+pub const ALL_BUCKETS: BucketMask = u64::MAX;
+
+/// The digest bucket of `name`: the top bits of a hash, so that small test names spread too.
+pub fn bucket_of(name: PeerName) -> usize {
+    let mut h = NameHasher(0x9ae1_6a3b_2f90_404f);
+    h.write_u64(name.0);
+    // The top 6 bits: always below DIGEST_BUCKETS.
+    (h.finish() >> 58) as usize
+}
+
+fn in_mask(mask: BucketMask, name: PeerName) -> bool {
+    mask & (1 << bucket_of(name)) != 0
+}
+
 /// Our view of the mesh: one entry per known peer, our own included.
 #[derive(Clone, Debug)]
 pub struct Topology {
@@ -150,6 +171,8 @@ pub struct Topology {
     tombstones: BTreeMap<PeerName, (Version, Instant)>,
     /// XOR of `digest_of` over held reachable entries.
     digest: u64,
+    /// The same XOR per [`bucket_of`] the entry's name.
+    buckets: [u64; DIGEST_BUCKETS],
 }
 
 /// Two topologies are equal when they hold the same entries (marks and tombstones aside).
@@ -173,14 +196,24 @@ impl Topology {
             },
             connections: Vec::new(),
         };
-        let digest = digest_of(me, own.version);
-        Topology {
+        let mut t = Topology {
             me,
-            peers: BTreeMap::from([(me, Arc::new(own))]),
+            peers: BTreeMap::new(),
             unreachable: BTreeMap::new(),
             tombstones: BTreeMap::new(),
-            digest,
-        }
+            digest: 0,
+            buckets: [0; DIGEST_BUCKETS],
+        };
+        t.toggle_digest(me, own.version);
+        t.peers.insert(me, Arc::new(own));
+        t
+    }
+
+    /// Adds an entry to the digests, or removes it (XOR).
+    fn toggle_digest(&mut self, name: PeerName, version: Version) {
+        let d = digest_of(name, version);
+        self.digest ^= d;
+        self.buckets[bucket_of(name)] ^= d;
     }
 
     /// Our own name.
@@ -243,26 +276,48 @@ impl Topology {
         }
     }
 
-    /// The name and version of every reachable entry, sorted by name: what a
-    /// [`crate::wire::Message::Versions`] carries, about 15 bytes per peer where a full
+    /// The digest of each of the [`DIGEST_BUCKETS`] buckets, as little-endian bytes: the
+    /// reachable entries split by [`bucket_of`] their name. Two views whose digests differ
+    /// differ only in the buckets whose digests differ.
+    pub fn bucket_digests(&self) -> Vec<[u8; 8]> {
+        self.buckets.iter().map(|d| d.to_le_bytes()).collect()
+    }
+
+    /// The buckets whose digest differs from `theirs` (a [`Topology::bucket_digests`]); a
+    /// list of another length differs in every bucket.
+    pub fn differing_buckets(&self, theirs: &[[u8; 8]]) -> BucketMask {
+        if theirs.len() != DIGEST_BUCKETS {
+            return ALL_BUCKETS;
+        }
+        self.buckets
+            .iter()
+            .zip(theirs)
+            .enumerate()
+            .filter(|(_, (mine, theirs))| mine.to_le_bytes() != **theirs)
+            .fold(0, |mask, (i, _)| mask | (1 << i))
+    }
+
+    /// The name and version of every reachable entry in the buckets of `mask`, sorted by name:
+    /// what a [`crate::wire::Message::Versions`] carries, about 15 bytes per peer where a full
     /// state costs a whole entry (its connection list) per peer.
-    pub fn versions(&self) -> Vec<(PeerName, Version)> {
+    pub fn versions(&self, mask: BucketMask) -> Vec<(PeerName, Version)> {
         self.peers
             .iter()
-            .filter(|(name, _)| !self.unreachable.contains_key(name))
+            .filter(|(name, _)| !self.unreachable.contains_key(name) && in_mask(mask, **name))
             .map(|(name, p)| (*name, p.version))
             .collect()
     }
 
-    /// Our reachable entries that `theirs` (a complete [`Topology::versions`] list) lacks or
-    /// holds at an older version: exactly what its sender is missing from our view.
-    pub fn newer_than(&self, theirs: &[(PeerName, Version)]) -> TopologyUpdate {
+    /// Our reachable entries in the buckets of `mask` that `theirs` (a complete
+    /// [`Topology::versions`] list of those buckets) lacks or holds at an older version:
+    /// exactly what its sender is missing from our view there.
+    pub fn newer_than(&self, theirs: &[(PeerName, Version)], mask: BucketMask) -> TopologyUpdate {
         let theirs: NameMap<Version> = theirs.iter().copied().collect();
         TopologyUpdate {
             peers: self
                 .peers
                 .iter()
-                .filter(|(name, _)| !self.unreachable.contains_key(name))
+                .filter(|(name, _)| !self.unreachable.contains_key(name) && in_mask(mask, **name))
                 .filter(|(name, p)| theirs.get(name).is_none_or(|v| *v < p.version))
                 .map(|(_, p)| p.clone())
                 .collect(),
@@ -301,7 +356,8 @@ impl Topology {
 
     fn replace_own(&mut self, next: Peer) -> Arc<Peer> {
         let old = self.own().version;
-        self.digest ^= digest_of(self.me, old) ^ digest_of(self.me, next.version);
+        self.toggle_digest(self.me, old);
+        self.toggle_digest(self.me, next.version);
         let next = Arc::new(next);
         self.peers.insert(self.me, next.clone());
         next
@@ -338,10 +394,10 @@ impl Topology {
                 let name = incoming.name;
                 self.tombstones.remove(&name);
                 if !self.unreachable.contains_key(&name) {
-                    if let Some(old) = self.peers.get(&name) {
-                        self.digest ^= digest_of(name, old.version);
+                    if let Some(old) = self.peers.get(&name).map(|p| p.version) {
+                        self.toggle_digest(name, old);
                     }
-                    self.digest ^= digest_of(name, incoming.version);
+                    self.toggle_digest(name, incoming.version);
                 }
                 changed.insert(name);
                 self.peers.insert(name, incoming);
@@ -420,10 +476,13 @@ impl Topology {
     pub fn mark_reachable(&mut self, now: Instant, reachable: impl Fn(PeerName) -> bool) -> bool {
         let mut changed = false;
         let mut digest = 0;
+        let mut buckets = [0; DIGEST_BUCKETS];
         for (&name, peer) in &self.peers {
             if name == self.me || reachable(name) {
                 changed |= self.unreachable.remove(&name).is_some();
-                digest ^= digest_of(name, peer.version);
+                let d = digest_of(name, peer.version);
+                digest ^= d;
+                buckets[bucket_of(name)] ^= d;
             } else if let std::collections::btree_map::Entry::Vacant(e) =
                 self.unreachable.entry(name)
             {
@@ -432,6 +491,7 @@ impl Topology {
             }
         }
         self.digest = digest;
+        self.buckets = buckets;
         changed
     }
 

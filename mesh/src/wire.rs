@@ -26,9 +26,9 @@ pub enum Message {
     Ipam(Box<crate::ipam::IpamUpdate>),
     /// Anti-entropy, sent periodically to a few random neighbours: an 8-byte summary of the
     /// sender's reachable topology ([`crate::Topology::digest`]) and its size. A receiver whose
-    /// view differs answers with its full state and, if `reply`, with its own digest (without
-    /// `reply`), so that the first sender can send what the receiver lacks. Steady state costs
-    /// a few bytes per neighbour per interval, whatever the mesh size.
+    /// view differs answers with its [`Message::Versions`] (small meshes) or
+    /// [`Message::Buckets`] (large ones), and the two sides then exchange only what the other
+    /// lacks. Steady state costs a few bytes per neighbour per interval, whatever the mesh size.
     Digest {
         /// The sender's [`crate::Topology::digest`].
         digest: u64,
@@ -52,6 +52,26 @@ pub enum Message {
     /// each with a full state made one change cost O(N²) bytes across the mesh.
     Versions {
         /// The sender's reachable entries, sorted by name.
+        entries: Vec<(crate::PeerName, crate::topology::Version)>,
+        /// Whether the receiver should send its own list when it lacks something.
+        reply: bool,
+    },
+    /// Anti-entropy in a large mesh, instead of [`Message::Versions`] in answer to a differing
+    /// [`Message::Digest`]: the digest of each of the sender's
+    /// [`crate::topology::DIGEST_BUCKETS`] buckets of entries (by [`crate::topology::bucket_of`]
+    /// their name), 8 bytes each. The receiver answers with [`Message::BucketVersions`] for the
+    /// buckets that differ, so a change costs the version lists of a bucket or two, O(N/64),
+    /// where whole lists made each differing digest cost O(N) while a change spreads.
+    Buckets {
+        /// The sender's [`crate::Topology::bucket_digests`].
+        digests: Vec<[u8; 8]>,
+    },
+    /// [`Message::Versions`] restricted to some buckets: the name and version of each of the
+    /// sender's reachable entries in them. Answered like `Versions`, within those buckets.
+    BucketVersions {
+        /// The buckets listed, bit `i` for bucket `i`.
+        buckets: crate::topology::BucketMask,
+        /// The sender's reachable entries in those buckets, sorted by name.
         entries: Vec<(crate::PeerName, crate::topology::Version)>,
         /// Whether the receiver should send its own list when it lacks something.
         reply: bool,
@@ -189,6 +209,27 @@ mod tests {
         };
         assert_eq!(decode(&encode(&versions)), Ok(versions.clone()));
         assert_eq!(versions.encoded_len(), encode(&versions).len());
+        let buckets = Message::Buckets {
+            digests: vec![u64::MAX.to_le_bytes(); crate::topology::DIGEST_BUCKETS],
+        };
+        assert_eq!(decode(&encode(&buckets)), Ok(buckets.clone()));
+        // Version byte, variant, length, then 8 bytes per bucket.
+        assert_eq!(
+            buckets.encoded_len(),
+            3 + 8 * crate::topology::DIGEST_BUCKETS
+        );
+        let some = Message::BucketVersions {
+            buckets: 1 << 63 | 1,
+            entries: vec![(
+                PeerName(3),
+                crate::topology::Version {
+                    incarnation: 1,
+                    counter: 2,
+                },
+            )],
+            reply: false,
+        };
+        assert_eq!(decode(&encode(&some)), Ok(some));
     }
 
     #[test]

@@ -675,6 +675,68 @@ fn a_lost_change_is_repaired_with_versions_not_a_full_state() {
 }
 
 #[test]
+fn in_a_large_mesh_a_lost_change_costs_only_the_lists_of_its_buckets() {
+    // Goal: above 64 peers, repairing a missed change costs the version lists of the digest
+    // buckets that differ, not every peer's version: a whole list per differing digest made one
+    // change cost O(N) per digest while it spread.
+    // Method: as above, on a line of 80 peers; count the version-list entries A receives.
+    const N: usize = 80;
+    let mut net = Net::new(N + 1, false);
+    for i in 0..N - 1 {
+        net.connect(i, i + 1);
+    }
+    net.deaf.insert(A);
+    net.connect(N - 1, N);
+    assert!(
+        !net.known_peers(A).contains(&N),
+        "A heard of the newcomer while deaf"
+    );
+    net.deaf.clear();
+    net.delivered.clear();
+    net.advance(Duration::from_secs(30));
+    net.assert_converged();
+    let to_a: Vec<&Message> = net
+        .delivered
+        .iter()
+        .filter(|(to, _)| *to == A)
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        to_a.iter().any(|m| matches!(m, Message::Buckets { .. })),
+        "A was repaired without bucket digests: {to_a:?}"
+    );
+    let mut listed = 0;
+    for m in &to_a {
+        match m {
+            Message::Versions { entries, .. } => {
+                panic!("A got a whole version list of {} entries", entries.len())
+            }
+            Message::BucketVersions {
+                buckets, entries, ..
+            } => {
+                assert!(
+                    buckets.count_ones() <= 2,
+                    "{} buckets listed",
+                    buckets.count_ones()
+                );
+                listed += entries.len();
+            }
+            Message::Gossip(update) => assert!(
+                update.peers.len() <= 2,
+                "A got {} entries, not just the 2 it lacked",
+                update.peers.len()
+            ),
+            _ => {}
+        }
+    }
+    // Two buckets of 81 names hold about 3 entries each.
+    assert!(
+        listed <= 20,
+        "A got {listed} listed versions for 2 changed entries"
+    );
+}
+
+#[test]
 fn restart_within_one_incarnation_still_wins() {
     // Goal: if a peer restarts without a new incarnation (clock stuck), its fresh state still
     // wins over the copies others hold, instead of being ignored as "older".

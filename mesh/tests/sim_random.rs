@@ -16,7 +16,10 @@ use mesh::sim::{Sim, SimOptions};
 const CI_SEEDS: u64 = 200;
 
 fn options(seed: u64) -> SimOptions {
-    let peers = 3 + (seed % 10) as usize;
+    options_with(seed, 3 + (seed % 10) as usize)
+}
+
+fn options_with(seed: u64, peers: usize) -> SimOptions {
     SimOptions {
         fault_time: Duration::from_secs(60),
         convergence_max: Duration::from_secs(240),
@@ -90,6 +93,35 @@ fn random_seeds_with_faults_stay_safe_and_converge() {
         seeds.len(),
         failures[0]
     );
+}
+
+/// Goal: above 64 peers, where anti-entropy goes through bucket digests
+/// (`Message::Buckets`), faults still end in one converged view. CI runs a few seeds of 65 to
+/// 101 peers; `MESH_SIM_LARGE_SEEDS=N` runs N of them.
+#[test]
+fn large_meshes_with_faults_stay_safe_and_converge() {
+    let count: u64 = std::env::var("MESH_SIM_LARGE_SEEDS")
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("MESH_SIM_LARGE_SEEDS must be a number")
+        })
+        .unwrap_or(6);
+    let started = Instant::now();
+    let mut buckets = 0;
+    for seed in 0..count {
+        let peers = 65 + (seed % 10) as usize * 4;
+        let mut sim = Sim::new(options_with(seed, peers), Instant::now());
+        match sim.run() {
+            Ok(stats) => buckets += stats.bytes_by_kind.get("buckets").copied().unwrap_or(0),
+            Err(f) => panic!("seed {seed} with {peers} peers:\n{f}"),
+        }
+    }
+    eprintln!(
+        "{count} large seeds in {:.1}s, {buckets} bytes of bucket digests and lists",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(buckets > 0, "no anti-entropy went through buckets");
 }
 
 #[test]

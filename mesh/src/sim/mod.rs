@@ -872,7 +872,9 @@ impl Sim {
                     // Full states leave out unreachable entries; more than half is one.
                     Message::Gossip(u) if u.peers.len() * 2 > known => "gossip (full)",
                     Message::Gossip(_) => "gossip (delta)",
-                    Message::Digest { .. } | Message::Versions { .. } => "digest",
+                    Message::Digest { .. } => "digest",
+                    Message::Versions { .. } => "versions",
+                    Message::Buckets { .. } | Message::BucketVersions { .. } => "buckets",
                     Message::Ipam(_) => "ipam",
                     Message::Dns(_) => "dns",
                 };
