@@ -399,6 +399,7 @@ fn podman_puts_a_container_on_the_mesh_through_meshnet() {
         .ps_entry(&id)
         .unwrap_or_else(|| panic!("meshctl ps lacks {id}:\n{:#}", root.json("ps")));
     assert_eq!(entry["ips"][0], format!("{ip}/24"), "{entry}");
+    assert_eq!(entry["via"], "cni", "{entry}");
     let host_ifname = entry["host_ifname"]
         .as_str()
         .unwrap_or_default()

@@ -466,6 +466,12 @@ async fn ps(State(state): State<ApiState>) -> Json<Vec<PsEntry>> {
         .into_iter()
         .map(|(host_ifname, e)| PsEntry {
             via: match e.via {
+                // The CNI plugin attaches through the same call, with a key of its own.
+                crate::plugin::containers::Via::Attach
+                    if e.key.as_deref().is_some_and(|k| k.starts_with("cni:")) =>
+                {
+                    "cni".to_string()
+                }
                 crate::plugin::containers::Via::Attach => "attach".to_string(),
                 crate::plugin::containers::Via::Plugin => "plugin".to_string(),
             },

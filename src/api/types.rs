@@ -408,7 +408,8 @@ pub(crate) struct ExposeResponse {
 /// `GET /ps`: one container on the mesh bridge.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct PsEntry {
-    /// `attach` (`meshctl attach`) or `plugin` (the Docker network plugin).
+    /// `attach` (`meshctl attach`), `cni` (the CNI plugin) or `plugin` (the Docker network
+    /// plugin).
     pub(crate) via: String,
     /// Netns name, PID, Docker container name, or the Docker endpoint for plugin containers.
     pub(crate) container: String,
