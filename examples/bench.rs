@@ -17,7 +17,8 @@
 //! Rows: raw underlay (host to host); kernel VXLAN hand-built with `ip` (vxlan + bridge + veth,
 //! MTU 1450); meshctl fast path (kernel VXLAN chosen by meshctl, no password, `--mtu 1450` like
 //! the hand-built row); the plain sleeve (`--no-fastpath`); the sleeve with ChaCha20-Poly1305 and
-//! with AES-256-GCM (forced with `--cipher`). BENCH_LOSS=1% drops that share of the datagrams
+//! with AES-256-GCM (forced with `--cipher`), and with ChaCha20-Poly1305 batching through
+//! `sendmmsg`/`recvmmsg` instead of UDP GSO/GRO (`--udp-offload off`). BENCH_LOSS=1% drops that share of the datagrams
 //! host a sends on the underlay, in every row (`tc netem loss`, or an nftables `numgen random`
 //! rule where the kernel lacks netem).
 
@@ -402,9 +403,10 @@ fn meshctl(name: &'static str, extra: &[&str]) -> Row {
         r => format!(" ({r})"),
     };
     let note = format!(
-        "overlay {}{reason}, cipher {}",
+        "overlay {}{reason}, cipher {}, batching {}",
         peer["overlay"].as_str().unwrap_or("?"),
         peer["cipher"].as_str().unwrap_or("?"),
+        status["sleeve"]["batching"].as_str().unwrap_or("?"),
     );
     let routers: Vec<i32> = [&a, &b].iter().filter_map(|h| h.daemon_pid()).collect();
     measure(&lab, name, &c1.netns, &c2.netns, ip2, &routers, note)
@@ -447,7 +449,7 @@ fn main() -> ExitCode {
         eprintln!("bench: {e}");
         return ExitCode::FAILURE;
     }
-    let scenarios: [Scenario; 6] = [
+    let scenarios: [Scenario; 7] = [
         ("raw underlay", raw),
         ("kernel vxlan", kernel_vxlan),
         ("meshctl fast path", || {
@@ -460,6 +462,19 @@ fn main() -> ExitCode {
             meshctl(
                 "meshctl sleeve chacha20",
                 &["--password", "bench", "--cipher", "chacha20-poly1305"],
+            )
+        }),
+        ("meshctl sleeve chacha20 sendmmsg", || {
+            meshctl(
+                "meshctl sleeve chacha20 sendmmsg",
+                &[
+                    "--password",
+                    "bench",
+                    "--cipher",
+                    "chacha20-poly1305",
+                    "--udp-offload",
+                    "off",
+                ],
             )
         }),
         ("meshctl sleeve aes-256-gcm", || {
@@ -500,7 +515,7 @@ fn main() -> ExitCode {
             .unwrap_or_default()
     );
     println!(
-        "| {:<26} | {:<20} | {:<20} | {:<20} | {:<16} | {:<16} | {:<10} | note |",
+        "| {:<32} | {:<20} | {:<20} | {:<20} | {:<16} | {:<16} | {:<10} | note |",
         "path",
         "TCP 1 Gbit/s",
         "TCP 4 Gbit/s",
@@ -521,7 +536,7 @@ fn main() -> ExitCode {
             _ => None,
         };
         println!(
-            "| {:<26} | {:<20} | {:<20} | {:<20} | {:<16} | {:<16} | {:<10} | {} |",
+            "| {:<32} | {:<20} | {:<20} | {:<20} | {:<16} | {:<16} | {:<10} | {} |",
             row.name,
             stat(s, |x| x.tcp1, 2),
             stat(s, |x| x.tcp4, 2),

@@ -303,6 +303,10 @@ pub(crate) struct SleeveStatus {
     pub(crate) tx_bytes: u64,
     /// Dropped datagrams or frames by reason.
     pub(crate) drops: BTreeMap<String, u64>,
+    /// How the socket batches datagrams: `gso/gro`, `sendmmsg/recvmmsg` or a mix; `None` until
+    /// the sleeve has set up its socket.
+    #[serde(default)]
+    pub(crate) batching: Option<String>,
 }
 
 /// One line of [`Status::targets`].

@@ -228,6 +228,14 @@ pub(crate) struct LaunchArgs {
           value_parser = clap::value_parser!(u8).range(
               crate::dataplane::sleeve::crypto::EPOCH_SHIFT_MIN as i64..=40))]
     pub(crate) sleeve_rekey_shift: u8,
+    /// Whether the sleeve uses the kernel's UDP segmentation offloads: `auto` sends with UDP GSO
+    /// and receives with GRO where the kernel has them, and falls back to `sendmmsg`/`recvmmsg`
+    /// (many datagrams per system call, each copied on its own) where it doesn't; `off` always
+    /// uses the fallback. Try `off` when sleeve traffic stalls or arrives corrupted behind a NIC,
+    /// driver or tunnel that mishandles GSO/GRO, or to measure the fallback. `meshctl status`
+    /// shows the batching in use.
+    #[arg(long, default_value = "auto", value_name = "auto|off", value_parser = parse_udp_offload)]
+    pub(crate) udp_offload: crate::dataplane::sleeve::udp::Offload,
     /// Where to serve Prometheus metrics (`GET /metrics`).
     #[arg(long, default_value = "127.0.0.1:6782", value_name = "ADDR:PORT")]
     pub(crate) metrics_addr: std::net::SocketAddr,
@@ -280,6 +288,11 @@ pub(crate) struct LaunchArgs {
 fn parse_cipher(s: &str) -> Result<crate::dataplane::sleeve::crypto::Cipher, String> {
     crate::dataplane::sleeve::crypto::Cipher::parse(s)
         .ok_or_else(|| format!("unknown cipher {s:?}; choose chacha20-poly1305 or aes-256-gcm"))
+}
+
+fn parse_udp_offload(s: &str) -> Result<crate::dataplane::sleeve::udp::Offload, String> {
+    crate::dataplane::sleeve::udp::Offload::parse(s)
+        .ok_or_else(|| format!("unknown value {s:?}; choose auto or off"))
 }
 
 /// Where to find (or put) the router's files, from the global flags.

@@ -88,8 +88,9 @@ fn render(s: &Status) -> String {
     }
     let sl = &s.sleeve;
     out.push_str(&format!(
-        "\nSleeve ({}): rx {} datagrams / {} frames / {}, tx {} datagrams / {} frames / {}, relayed {} frames, keys rotated {} times\n",
+        "\nSleeve ({}, batching {}): rx {} datagrams / {} frames / {}, tx {} datagrams / {} frames / {}, relayed {} frames, keys rotated {} times\n",
         sl.cipher,
+        sl.batching.as_deref().unwrap_or("not set up yet"),
         sl.rx_datagrams,
         sl.rx_frames,
         bytes(sl.rx_bytes),

@@ -1285,6 +1285,11 @@ impl Control {
                 rx_bytes: get("rx_bytes"),
                 tx_bytes: get("tx_bytes"),
                 drops,
+                batching: self
+                    .settings
+                    .counters
+                    .batching()
+                    .map(|b| b.name().to_string()),
             },
         }
     }

@@ -164,7 +164,13 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
         control_rx,
         sleeve_tx,
     ));
-    let dataplane = tokio::spawn(sleeve::run(tap, data_socket, table_rx, counters.clone()));
+    let dataplane = tokio::spawn(sleeve::run(
+        tap,
+        data_socket,
+        args.udp_offload,
+        table_rx,
+        counters.clone(),
+    ));
     let (fastpath, prober) = match &device {
         None => (None, None),
         Some(device) => {

@@ -681,6 +681,76 @@ pub(crate) fn send_udp(ns: &str, to: SocketAddr, payload: Vec<u8>) {
     });
 }
 
+/// Starts sending `count` UDP datagrams from inside `ns` to `to`, one after another as fast as
+/// one socket can (ephemeral source port); `make(i, buf)` writes datagram `i` into `buf`, which
+/// is empty. A send the kernel refuses for lack of buffer space is retried, so the result, how
+/// many left the socket, is `count` unless a send failed otherwise. What the path or the receiver
+/// drops after that is for the caller to measure ([`udp_receive_errors`], [`link_drops`]).
+pub(crate) fn flood_udp(
+    ns: &str,
+    to: SocketAddr,
+    count: u64,
+    mut make: impl FnMut(u64, &mut Vec<u8>) + Send + 'static,
+) -> JoinHandle<Result<u64, String>> {
+    spawn_in_netns(ns, move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind udp: {e}"))?;
+        let mut buf = Vec::with_capacity(65_536);
+        for i in 0..count {
+            buf.clear();
+            make(i, &mut buf);
+            loop {
+                match socket.send_to(&buf, to) {
+                    Ok(_) => break,
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.raw_os_error() == Some(libc::ENOBUFS) =>
+                    {
+                        thread::yield_now();
+                    }
+                    Err(e) => return Err(format!("send datagram {i} to {to}: {e}")),
+                }
+            }
+        }
+        Ok(count)
+    })
+}
+
+/// Datagrams the UDP sockets of netns `ns` lost, summed over all of them: `RcvbufErrors` and
+/// `InErrors` of `/proc/net/snmp` (which include each other's share on some kernels, so this may
+/// overstate).
+pub(crate) fn udp_receive_errors(ns: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/snmp"])
+        .output()
+        .expect("run cat /proc/net/snmp in netns");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        panic!("no Udp lines in /proc/net/snmp of {ns}:\n{text}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .filter(|(name, _)| matches!(*name, "RcvbufErrors" | "InErrors"))
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum()
+}
+
+/// Packets interface `dev` in netns `ns` dropped, received and sent (`ip -s link`).
+pub(crate) fn link_drops(ns: &str, dev: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-s", "-j", "link", "show", "dev", dev])
+        .output()
+        .expect("run ip -s link");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ip -s -j link show dev {dev} in {ns}: {e}"));
+    let stats = &links[0]["stats64"];
+    ["rx", "tx"]
+        .iter()
+        .filter_map(|dir| stats[dir]["dropped"].as_u64())
+        .sum()
+}
+
 /// A small deterministic PRNG (xorshift64*) for test payloads; not for anything secret.
 pub(crate) struct TestRng(u64);
 

@@ -4,8 +4,9 @@
 //! - `tx` reads frames from the TAP (TCP super-frames of up to 64 KiB with their virtio-net
 //!   header), cuts super-frames into one sealed datagram per TCP segment for peers that support
 //!   offloads (or into finished TCP frames for those that don't), packs small frames several to a
-//!   datagram, and sends datagrams of equal size with one UDP GSO `sendmsg`.
-//! - `rx` receives GRO batches, opens each datagram, joins the segments of a super-frame back
+//!   datagram, and sends datagrams of equal size with one UDP GSO `sendmsg` (or one `sendmmsg`
+//!   where GSO is missing or switched off, see `udp.rs`).
+//! - `rx` receives GRO batches (or `recvmmsg` batches), opens each datagram, joins the segments of a super-frame back
 //!   together and writes it into the TAP with its virtio-net header, and relays what is not for
 //!   us along the routes.
 //!
@@ -41,7 +42,7 @@ pub mod udp;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,7 +53,7 @@ use tokio::sync::{mpsc, watch};
 
 use self::crypto::{SendKeys, TAG_LEN};
 use self::frame::{Header, Kind, HEADER_LEN};
-use self::udp::{Udp, SEND_MAX_BYTES};
+use self::udp::{Batching, Offload, Udp, SEND_MAX_BYTES};
 use super::forwarding::{ForwardingTable, SessionParams};
 use super::tap::Tap;
 
@@ -117,6 +118,9 @@ pub struct Counters {
     /// Frames from our TAP too big for the path to their next hop (answered with ICMP "too
     /// big" when the sender set DF or used IPv6; see `icmp.rs`).
     pub drop_too_big: AtomicU64,
+    /// How the socket batches datagrams ([`Batching::code`]); 0 until the sleeve has set it up.
+    /// Not a counter: left out of [`Counters::snapshot`].
+    pub batching: AtomicU8,
 }
 
 impl Counters {
@@ -147,6 +151,15 @@ impl Counters {
         all.iter()
             .map(|(name, c)| (*name, c.load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// How the socket batches datagrams, once the sleeve has set it up.
+    pub fn batching(&self) -> Option<Batching> {
+        Batching::from_code(self.batching.load(Ordering::Relaxed))
+    }
+
+    fn set_batching(&self, batching: Batching) {
+        self.batching.store(batching.code(), Ordering::Relaxed);
     }
 
     /// Only the drop counters, by reason.
@@ -243,10 +256,11 @@ impl Drop for StopOnDrop {
 }
 
 /// Runs the sleeve until the forwarding table's sender is dropped (then returns `Ok`) or the TAP
-/// or UDP socket fails.
+/// or UDP socket fails. `offload` says whether the socket may use UDP GSO/GRO.
 pub async fn run(
     tap: Tap,
     udp: std::net::UdpSocket,
+    offload: Offload,
     mut table: watch::Receiver<Arc<ForwardingTable>>,
     counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
@@ -255,7 +269,9 @@ pub async fn run(
         table: Arc::new(ForwardingTable::empty(first.me, first.sealed)),
         sessions: BTreeMap::new(),
     };
-    let udp = Udp::new(udp).context("set up sleeve socket (GSO/GRO)")?;
+    let udp = Udp::new(udp, offload).context("set up sleeve socket (GSO/GRO)")?;
+    counters.set_batching(udp.batching());
+    tracing::info!(batching = udp.batching().name(), "sleeve socket ready");
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(empty.adopt(first)),
         stop: AtomicBool::new(false),
@@ -315,7 +331,7 @@ enum Dest {
 }
 
 /// Seals datagrams into one buffer and sends runs of equal-sized datagrams to one address with
-/// a single GSO `sendmsg`. Each thread has its own.
+/// a single GSO `sendmsg` or `sendmmsg`. Each thread has its own.
 struct Sender {
     shared: Arc<Shared>,
     /// Datagrams sealed but not yet sent, back to back.
@@ -419,7 +435,11 @@ impl Sender {
             }
             // Not counted as a drop reason of its own: the path is broken, the control plane
             // will notice through its own connection.
-            Err(e) => tracing::debug!(%to, error = %e, "send sleeve datagrams"),
+            Err(e) => {
+                tracing::debug!(%to, error = %e, "send sleeve datagrams");
+                // The kernel may have refused GSO, and `udp` stopped using it.
+                c.set_batching(self.shared.udp.batching());
+            }
         }
         self.out.clear();
         self.segments = 0;
@@ -572,7 +592,7 @@ mod tests {
                 let udp =
                     std::net::UdpSocket::bind("0.0.0.0:6784").context("bind sleeve socket")?;
                 let _ = ready_tx.send(());
-                run(tap, udp, rx, counters).await
+                run(tap, udp, Offload::Auto, rx, counters).await
             })
         });
         // If the thread failed before signalling, the error shows when it is joined.
@@ -592,7 +612,7 @@ mod tests {
     #[test]
     fn run_future_is_send() {
         fn is_send<T: Send>(_: T) {}
-        let _ = |tap, udp, rx| is_send(run(tap, udp, rx, Arc::default()));
+        let _ = |tap, udp, rx| is_send(run(tap, udp, Offload::Auto, rx, Arc::default()));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The receiving thread: sealed datagrams to frames in the TAP, and relaying.
 //!
 //! It owns the opening half of every session (key and replay window) and the MAC table. Each
-//! GRO batch is split into datagrams; each is authenticated, then its frames are written into the
+//! received batch (GRO or `recvmmsg`, see `udp.rs`) is split into datagrams; each is authenticated, then its frames are written into the
 //! TAP, or its segment joins the super-frame being rebuilt ([`Joiner`]), and what is addressed to
 //! others is relayed along the routes.
 //!
@@ -68,13 +68,13 @@ pub(super) fn run(
         scratch: Vec::with_capacity(FRAME_MAX),
     };
     rx.adopt_sessions();
-    let mut buf = vec![0u8; 1 << 17];
+    let mut batch = shared.udp.recv_buf();
     while !shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
         rx.refresh();
-        match shared.udp.recv(&mut buf) {
-            Ok(got) => {
-                for datagram in buf[..got.len].chunks_mut(got.stride) {
-                    rx.handle_datagram(datagram, got.from);
+        match shared.udp.recv(&mut batch) {
+            Ok(()) => {
+                for (datagram, from) in batch.datagrams() {
+                    rx.handle_datagram(datagram, from);
                 }
                 rx.sender.flush();
             }
