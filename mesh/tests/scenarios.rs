@@ -312,6 +312,26 @@ impl Net {
             .collect()
     }
 
+    /// `deaf` hears nothing while `from` connects to the new peer `newcomer`; then it hears
+    /// again and gossip runs for 30 s until all converge. Returns what `deaf` received then.
+    fn repair_after_deafness(&mut self, deaf: usize, from: usize, newcomer: usize) -> Vec<Message> {
+        self.deaf.insert(deaf);
+        self.connect(from, newcomer);
+        assert!(
+            !self.known_peers(deaf).contains(&newcomer),
+            "{deaf} heard of the newcomer while deaf"
+        );
+        self.deaf.clear();
+        self.delivered.clear();
+        self.advance(Duration::from_secs(30));
+        self.assert_converged();
+        self.delivered
+            .iter()
+            .filter(|(to, _)| *to == deaf)
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
     /// Every node knows every node, at the same versions, and has a route to each.
     fn assert_converged(&self) {
         let everyone: Vec<usize> = (0..self.nodes.len()).collect();
@@ -646,19 +666,7 @@ fn a_lost_change_is_repaired_with_versions_not_a_full_state() {
     net.connect(A, B);
     net.connect(B, C);
     net.connect(C, D);
-    net.deaf.insert(A);
-    net.connect(D, 4);
-    assert!(!net.known_peers(A).contains(&4), "A heard of E while deaf");
-    net.deaf.clear();
-    net.delivered.clear();
-    net.advance(Duration::from_secs(30));
-    net.assert_converged();
-    let to_a: Vec<&Message> = net
-        .delivered
-        .iter()
-        .filter(|(to, _)| *to == A)
-        .map(|(_, m)| m)
-        .collect();
+    let to_a = net.repair_after_deafness(A, D, 4);
     assert!(
         to_a.iter().any(|m| matches!(m, Message::Versions { .. })),
         "A was repaired without a version list: {to_a:?}"
@@ -685,22 +693,7 @@ fn in_a_large_mesh_a_lost_change_costs_only_the_lists_of_its_buckets() {
     for i in 0..N - 1 {
         net.connect(i, i + 1);
     }
-    net.deaf.insert(A);
-    net.connect(N - 1, N);
-    assert!(
-        !net.known_peers(A).contains(&N),
-        "A heard of the newcomer while deaf"
-    );
-    net.deaf.clear();
-    net.delivered.clear();
-    net.advance(Duration::from_secs(30));
-    net.assert_converged();
-    let to_a: Vec<&Message> = net
-        .delivered
-        .iter()
-        .filter(|(to, _)| *to == A)
-        .map(|(_, m)| m)
-        .collect();
+    let to_a = net.repair_after_deafness(A, N - 1, N);
     assert!(
         to_a.iter().any(|m| matches!(m, Message::Buckets { .. })),
         "A was repaired without bucket digests: {to_a:?}"
