@@ -834,13 +834,14 @@ fn no_address_is_ever_given_out_twice() {
 ///   their free space);
 /// - 2139, 1076, 2202: the space sat with vanished peers whose reclaim stalled: votes split
 ///   between claimers with neither a majority (2139), and routers restarted or joined after a
-///   peer vanished never counted it as gone, so they never voted.
+///   peer vanished never counted it as gone, so they never voted; and the claimer that most
+///   votes went to vanished for good before it could win, and was itself reclaimed (2327).
 #[test]
 fn seeds_where_a_peer_starved_of_space_after_healing() {
     if std::env::var_os("MESH_SIM_SEED").is_some() || std::env::var_os("MESH_SIM_SEEDS").is_some() {
         return;
     }
-    run_all(&[1000, 1051, 1076, 2139, 2202]);
+    run_all(&[1000, 1051, 1076, 2139, 2202, 2327]);
 }
 
 /// The proof: 2,000 runs. `cargo test -p mesh --release --test ipam_sim -- --ignored

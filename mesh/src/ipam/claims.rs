@@ -17,6 +17,12 @@
 //! so there are no cycles). A vote still counts for at most one winner: it counts for another
 //! claimer only after the one it was cast for has given up winning.
 //!
+//! A claimer can itself vanish for good after the votes went to it. Once it is reclaimed in
+//! turn, its claims pass to the peer that took it over, with the votes cast for it and the yields
+//! made to it: that peer wins them as if it had been voted for. This rests on the same assumption
+//! as any reclaim (the reclaimed peer never comes back with its old state); before, such claims
+//! stayed stuck and the vanished peer's space with them.
+//!
 //! Known limit: the electorate is the claimer's view. If both sides of a long partition give
 //! space to many new peers, their electorates differ and the majority argument weakens; the
 //! simulator keeps new owners to one side at a time. Weave equivalent: `rmpeer`, without safety.
@@ -57,17 +63,44 @@ impl Claims {
 }
 
 impl Ipam {
-    /// The claimer a vote for `claimer` on `gone` counts for: `claimer`, or where its yields lead.
-    fn vote_goes_to(&self, gone: PeerName, mut claimer: PeerName) -> PeerName {
-        // Yields only go to smaller names, so this ends; the bound is for corrupt records.
-        for _ in 0..self.state.records.len() {
+    /// Who took over each peer that was reclaimed: the smallest taker, if records disagree.
+    fn takers(&self) -> BTreeMap<PeerName, PeerName> {
+        let mut takers = BTreeMap::new();
+        for (&t, r) in &self.state.records {
+            for &c in &r.claims.done {
+                if c != t {
+                    let e = takers.entry(c).or_insert(t);
+                    *e = (*e).min(t);
+                }
+            }
+        }
+        takers
+    }
+
+    /// The claimer a vote for `claimer` on `gone` counts for: `claimer`, or where its yields
+    /// lead. A claimer that was itself reclaimed (it vanished for good before it could win)
+    /// passes its claims on to the peer that took it over, as it does its space.
+    fn vote_goes_to(
+        &self,
+        gone: PeerName,
+        mut claimer: PeerName,
+        takers: &BTreeMap<PeerName, PeerName>,
+    ) -> PeerName {
+        // Yields go to smaller names and each takeover is of a peer that is gone, so this
+        // ends; the bound is for corrupt or contradictory records.
+        for _ in 0..2 * self.state.records.len() + 2 {
+            if let Some(&taker) = takers.get(&claimer) {
+                claimer = taker;
+                continue;
+            }
             let next = self
                 .state
                 .records
                 .get(&claimer)
                 .and_then(|r| r.claims.yielded.get(&gone));
             match next {
-                Some(&to) if to < claimer => claimer = to,
+                // A yield to a peer that was taken over since leads to its taker.
+                Some(&to) if to < claimer && takers.get(&to) != Some(&claimer) => claimer = to,
                 _ => break,
             }
         }
@@ -80,6 +113,7 @@ impl Ipam {
         gone: PeerName,
         claimer: PeerName,
         electorate: &BTreeSet<PeerName>,
+        takers: &BTreeMap<PeerName, PeerName>,
     ) -> usize {
         electorate
             .iter()
@@ -88,7 +122,7 @@ impl Ipam {
                     .records
                     .get(v)
                     .and_then(|r| r.claims.votes.get(&gone))
-                    .is_some_and(|&c| self.vote_goes_to(gone, c) == claimer)
+                    .is_some_and(|&c| self.vote_goes_to(gone, c, takers) == claimer)
             })
             .count()
     }
@@ -177,6 +211,7 @@ impl Ipam {
             .keys()
             .copied()
             .collect();
+        let takers = self.takers();
         for &x in &mine {
             let own = &self.state.records[&self.me].claims;
             if own.done.contains(&x) || own.yielded.contains_key(&x) {
@@ -186,7 +221,9 @@ impl Ipam {
                 .state
                 .records
                 .iter()
-                .filter(|(c, r)| **c < self.me && r.claims.claims.contains_key(&x))
+                .filter(|(c, r)| {
+                    **c < self.me && r.claims.claims.contains_key(&x) && !takers.contains_key(c)
+                })
                 .map(|(c, _)| *c)
                 .min();
             if let Some(to) = smaller {
@@ -197,9 +234,13 @@ impl Ipam {
         }
         // Win: take over once a majority of the electorate voted for us (directly or through
         // claimers that yielded to us).
+        // No takeover happened since `takers` was read: yields don't make any.
         for x in mine {
             let own = &self.state.records[&self.me].claims;
-            if own.done.contains(&x) || own.yielded.contains_key(&x) || !self.owns_space(x) {
+            if own.done.contains(&x)
+                || self.vote_goes_to(x, self.me, &takers) != self.me
+                || !self.owns_space(x)
+            {
                 continue;
             }
             // Votes are for good, but a claim wins only while its peer is still gone for us: a
@@ -209,7 +250,7 @@ impl Ipam {
                 continue;
             }
             let electorate = self.electorate(x);
-            let votes = self.votes_for(x, self.me, &electorate);
+            let votes = self.votes_for(x, self.me, &electorate, &takers);
             if votes * 2 <= electorate.len() {
                 continue;
             }
@@ -224,8 +265,26 @@ impl Ipam {
             }
             rings.sort_by_key(|r| r.subnet());
             self.state.rings = rings;
+            // Claims `x` made and had not won pass to us, with the votes they got (see
+            // `vote_goes_to`).
+            let inherited: Vec<(PeerName, bool)> = self
+                .state
+                .records
+                .get(&x)
+                .map(|r| {
+                    r.claims
+                        .claims
+                        .iter()
+                        .filter(|(y, _)| !r.claims.done.contains(y) && **y != self.me)
+                        .map(|(&y, &forced)| (y, forced))
+                        .collect()
+                })
+                .unwrap_or_default();
             let rec = self.state.records.get_mut(&self.me).expect("own record");
             rec.claims.done.insert(x);
+            for (y, forced) in inherited {
+                rec.claims.claim(y, forced);
+            }
             changed = true;
             self.events.push_back(IpamEvent::Reclaimed { peer: x });
         }
@@ -239,12 +298,15 @@ impl Ipam {
 
     pub(super) fn claims_status(&self) -> Vec<String> {
         let mut out = Vec::new();
+        let takers = self.takers();
         for (c, r) in &self.state.records {
             for (x, forced) in &r.claims.claims {
                 let electorate = self.electorate(*x);
-                let votes = self.votes_for(*x, *c, &electorate);
+                let votes = self.votes_for(*x, *c, &electorate, &takers);
                 let state = if r.claims.done.contains(x) {
                     "taken over".to_string()
+                } else if let Some(taker) = takers.get(c) {
+                    format!("passed to {taker}, which took {c} over")
                 } else if let Some(to) = r.claims.yielded.get(x) {
                     format!("yielded to {to}")
                 } else {
