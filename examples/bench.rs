@@ -18,9 +18,9 @@
 //! MTU 1450); meshctl fast path (kernel VXLAN chosen by meshctl, no password, `--mtu 1450` like
 //! the hand-built row); the plain sleeve (`--no-fastpath`); the sleeve with ChaCha20-Poly1305 and
 //! with AES-256-GCM (forced with `--cipher`), and with ChaCha20-Poly1305 batching through
-//! `sendmmsg`/`recvmmsg` instead of UDP GSO/GRO (`--udp-offload off`). BENCH_LOSS=1% drops that share of the datagrams
-//! host a sends on the underlay, in every row (`tc netem loss`, or an nftables `numgen random`
-//! rule where the kernel lacks netem).
+//! `sendmmsg`/`recvmmsg` instead of UDP GSO/GRO (`--udp-offload off`). BENCH_LOSS=1% drops that
+//! share of the datagrams host a sends on the underlay, in every row (`tc netem loss`, or an
+//! nftables `numgen random` rule where the kernel lacks netem).
 
 #[path = "../tests/common/lab.rs"]
 mod lab;

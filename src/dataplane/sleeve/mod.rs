@@ -6,9 +6,9 @@
 //!   offloads (or into finished TCP frames for those that don't), packs small frames several to a
 //!   datagram, and sends datagrams of equal size with one UDP GSO `sendmsg` (or one `sendmmsg`
 //!   where GSO is missing or switched off, see `udp.rs`).
-//! - `rx` receives GRO batches (or `recvmmsg` batches), opens each datagram, joins the segments of a super-frame back
-//!   together and writes it into the TAP with its virtio-net header, and relays what is not for
-//!   us along the routes.
+//! - `rx` receives GRO batches (or `recvmmsg` batches), opens each datagram, joins the segments
+//!   of a super-frame back together and writes it into the TAP with its virtio-net header, and
+//!   relays what is not for us along the routes.
 //!
 //! The async [`run`] task owns neither: it adopts each new [`ForwardingTable`] into a [`Snapshot`]
 //! (keeping the send counters of sessions whose keys did not change) and publishes it through an

@@ -1,9 +1,9 @@
 //! The receiving thread: sealed datagrams to frames in the TAP, and relaying.
 //!
 //! It owns the opening half of every session (key and replay window) and the MAC table. Each
-//! received batch (GRO or `recvmmsg`, see `udp.rs`) is split into datagrams; each is authenticated, then its frames are written into the
-//! TAP, or its segment joins the super-frame being rebuilt ([`Joiner`]), and what is addressed to
-//! others is relayed along the routes.
+//! received batch (GRO or `recvmmsg`, see `udp.rs`) is split into datagrams; each is
+//! authenticated, then its frames are written into the TAP, or its segment joins the super-frame
+//! being rebuilt ([`Joiner`]), and what is addressed to others is relayed along the routes.
 //!
 //! A body flagged [`FLAG_RELAY_ONLY`] comes from a neighbour that reaches us over kernel VXLAN
 //! too: the kernel already delivered its frames, so they are only relayed along the source's
