@@ -169,9 +169,8 @@ pub struct Topology {
     unreachable: BTreeMap<PeerName, Instant>,
     /// Last version of collected peers, and when they were collected.
     tombstones: BTreeMap<PeerName, (Version, Instant)>,
-    /// XOR of `digest_of` over held reachable entries.
-    digest: u64,
-    /// The same XOR per [`bucket_of`] the entry's name.
+    /// XOR of `digest_of` over held reachable entries, per [`bucket_of`] the entry's name; the
+    /// digest is the XOR of all buckets.
     buckets: [u64; DIGEST_BUCKETS],
 }
 
@@ -201,7 +200,6 @@ impl Topology {
             peers: BTreeMap::new(),
             unreachable: BTreeMap::new(),
             tombstones: BTreeMap::new(),
-            digest: 0,
             buckets: [0; DIGEST_BUCKETS],
         };
         t.toggle_digest(me, own.version);
@@ -211,9 +209,7 @@ impl Topology {
 
     /// Adds an entry to the digests, or removes it (XOR).
     fn toggle_digest(&mut self, name: PeerName, version: Version) {
-        let d = digest_of(name, version);
-        self.digest ^= d;
-        self.buckets[bucket_of(name)] ^= d;
+        self.buckets[bucket_of(name)] ^= digest_of(name, version);
     }
 
     /// Our own name.
@@ -260,7 +256,7 @@ impl Topology {
 
     /// An 8-byte summary of the reachable entries: equal views give equal digests.
     pub fn digest(&self) -> u64 {
-        self.digest
+        self.buckets.iter().fold(0, |d, b| d ^ b)
     }
 
     /// Everything reachable we know, to send to a new neighbour or after a digest mismatch.
@@ -475,14 +471,11 @@ impl Topology {
     /// was not already) and clears the mark of the others. Returns whether any mark changed.
     pub fn mark_reachable(&mut self, now: Instant, reachable: impl Fn(PeerName) -> bool) -> bool {
         let mut changed = false;
-        let mut digest = 0;
         let mut buckets = [0; DIGEST_BUCKETS];
         for (&name, peer) in &self.peers {
             if name == self.me || reachable(name) {
                 changed |= self.unreachable.remove(&name).is_some();
-                let d = digest_of(name, peer.version);
-                digest ^= d;
-                buckets[bucket_of(name)] ^= d;
+                buckets[bucket_of(name)] ^= digest_of(name, peer.version);
             } else if let std::collections::btree_map::Entry::Vacant(e) =
                 self.unreachable.entry(name)
             {
@@ -490,7 +483,6 @@ impl Topology {
                 changed = true;
             }
         }
-        self.digest = digest;
         self.buckets = buckets;
         changed
     }
