@@ -267,6 +267,11 @@ pub(crate) struct LaunchArgs {
     /// [default: consensus=(number of PEERs given + 1)].
     #[arg(long, value_name = "MODE")]
     pub(crate) ipalloc_init: Option<String>,
+    /// After how long unreachable a router's address space is reclaimed by the others' vote
+    /// (`30m`, `1h`, `2h30m`; `never`: only by `meshctl rmpeer`). Longer than any network split
+    /// you want to outlast: a router cut off for longer counts as gone.
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = parse_reclaim_after)]
+    pub(crate) ipalloc_reclaim_after: ReclaimAfter,
     /// Domain of container names: attached containers are NAME.DOMAIN, answered by the
     /// router's name server on the bridge's addresses (see `meshctl expose`).
     #[arg(long, default_value = crate::dns::DOMAIN_DEFAULT, value_name = "DOMAIN")]
@@ -283,6 +288,50 @@ pub(crate) struct LaunchArgs {
     /// Don't serve the Docker plugin.
     #[arg(long)]
     pub(crate) no_docker_plugin: bool,
+}
+
+/// `--ipalloc-reclaim-after`: a duration, or never.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReclaimAfter(pub(crate) Option<std::time::Duration>);
+
+fn parse_reclaim_after(s: &str) -> Result<ReclaimAfter, String> {
+    const MIN: u64 = 10;
+    if matches!(s, "never" | "off") {
+        return Ok(ReclaimAfter(None));
+    }
+    let bad = || {
+        format!("bad duration {s:?}; write it like 45m, 1h or 2h30m (units s, m, h, d), or never")
+    };
+    let mut secs: u64 = 0;
+    let mut digits = String::new();
+    for ch in s.chars() {
+        if ch.is_ascii_digit() {
+            digits.push(ch);
+            continue;
+        }
+        let unit = match ch {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        digits.clear();
+        secs = n
+            .checked_mul(unit)
+            .and_then(|v| secs.checked_add(v))
+            .ok_or_else(bad)?;
+    }
+    if !digits.is_empty() || s.is_empty() {
+        return Err(bad());
+    }
+    if secs < MIN {
+        return Err(format!(
+            "{s:?} is too short: a router unreachable that briefly is not gone; give at least {MIN}s"
+        ));
+    }
+    Ok(ReclaimAfter(Some(std::time::Duration::from_secs(secs))))
 }
 
 fn parse_cipher(s: &str) -> Result<crate::dataplane::sleeve::crypto::Cipher, String> {
@@ -469,6 +518,23 @@ mod tests {
         assert_eq!(split_host_port("[::1]:9").unwrap(), ("::1".into(), 9));
         assert!(split_host_port("a:b").is_err());
         assert!(split_host_port("").is_err());
+    }
+
+    #[test]
+    fn reclaim_after_reads_units_and_never_and_names_the_fix() {
+        let secs = |s: &str| parse_reclaim_after(s).map(|r| r.0.map(|d| d.as_secs()));
+        assert_eq!(secs("1h"), Ok(Some(3600)));
+        assert_eq!(secs("2h30m"), Ok(Some(9000)));
+        assert_eq!(secs("90s"), Ok(Some(90)));
+        assert_eq!(secs("1d"), Ok(Some(86400)));
+        assert_eq!(secs("never"), Ok(None));
+        for bad in ["", "1", "h", "1x", "1h5", "-1h", "99999999999999999999d"] {
+            let e = parse_reclaim_after(bad).unwrap_err();
+            assert!(e.contains("45m, 1h or 2h30m"), "{bad:?}: {e}");
+        }
+        assert!(parse_reclaim_after("5s")
+            .unwrap_err()
+            .contains("at least 10s"));
     }
 
     #[test]

@@ -499,7 +499,7 @@ fn hostname() -> String {
         .unwrap_or_else(|| "meshctl".to_string())
 }
 
-/// The IPAM settings from `--ipalloc-range` and `--ipalloc-init`.
+/// The IPAM settings from `--ipalloc-range`, `--ipalloc-init` and `--ipalloc-reclaim-after`.
 pub(crate) fn ipam_config(args: &LaunchArgs) -> Result<mesh::ipam::IpamConfig> {
     use mesh::ipam::{Cidr, Init, IpamConfig};
     let universe: Cidr = args.ipalloc_range.parse().map_err(|e| {
@@ -541,6 +541,7 @@ pub(crate) fn ipam_config(args: &LaunchArgs) -> Result<mesh::ipam::IpamConfig> {
     Ok(IpamConfig {
         universe,
         init,
+        reclaim_after: args.ipalloc_reclaim_after.0,
         ..IpamConfig::default()
     })
 }
