@@ -458,6 +458,7 @@ mod tests {
                     }],
                 }],
                 unreachable_owners: vec![],
+                reachable_percent: None,
                 allocations: vec![],
                 reclaims: vec![],
             }),

@@ -277,12 +277,14 @@ fn owners(host: &Host) -> BTreeMap<String, u64> {
 }
 
 /// Goal: space never stays with a router that is gone. `meshctl reset` hands a router's space
-/// to a live peer before it stops; `meshctl rmpeer` gives a router killed for good back to the
-/// others once the remaining owners agree; containers keep getting unique addresses throughout.
+/// to a live peer before it stops, and the host comes back as a new peer; `meshctl rmpeer` gives
+/// a router killed for good back to the others once routers owning more than half of the range
+/// agree; containers keep getting unique addresses throughout.
 /// Method: a, b, c found the ring together (consensus=3), each attaches a container; c resets:
-/// its container is detached, and a's view shows a and b owning the whole range; b is killed
-/// with -9 and a runs `rmpeer`: a's view shows a owning everything, and a new container on a
-/// gets an address unique among the live routers' containers.
+/// its container is detached, and a's view shows a and b owning the whole range, the heir two
+/// thirds of it. c launches again under a new name and attaches a container. The router without
+/// c's space is killed with -9 and the heir runs `rmpeer`: the heir and the new c then own
+/// everything, and a new container on the heir gets an address unique among the live ones.
 #[test]
 fn reset_hands_space_over_and_rmpeer_reclaims_a_dead_router() {
     if lab::skip_unless_root("reset_hands_space_over_and_rmpeer_reclaims_a_dead_router") {
@@ -291,7 +293,7 @@ fn reset_hands_space_over_and_rmpeer_reclaims_a_dead_router() {
     // 10.32.0.0/12 without its network and broadcast addresses.
     const RANGE: u64 = (1 << 20) - 2;
     let lab = Lab::new();
-    let (hosts, _) = three_founders(&lab);
+    let (hosts, joiner) = three_founders(&lab);
     let mut all: Vec<(Host, Container)> = Vec::new();
     for h in &hosts {
         let c = lab.container(h);
@@ -325,7 +327,8 @@ fn reset_hands_space_over_and_rmpeer_reclaims_a_dead_router() {
     assert!(
         status.success()
             && out.contains("detached 1 container")
-            && out.contains("handed this router's address space to"),
+            && out.contains("handed this router's address space to")
+            && out.contains("joins as a new peer"),
         "reset on c: {out}{err}{}",
         lab.report()
     );
@@ -335,6 +338,7 @@ fn reset_hands_space_over_and_rmpeer_reclaims_a_dead_router() {
         "c's container kept {:?} after reset",
         addrs_of(&all[2].1)
     );
+    all.pop();
     let handed = lab::wait_for(WAIT_MAX, || {
         seen = owners(a);
         !seen.contains_key(&name_c) && seen.len() == 2 && seen.values().sum::<u64>() == RANGE
@@ -344,29 +348,79 @@ fn reset_hands_space_over_and_rmpeer_reclaims_a_dead_router() {
         "after c's reset, a's view of the owners: {seen:?}{}",
         lab.report()
     );
-
-    b.kill9();
-    let gone = lab::wait_for(WAIT_MAX, || reachable_count(a) == 0);
-    assert!(gone, "a still reaches b after kill -9{}", lab.report());
-    let (status, out, err) = a.meshctl(&["rmpeer", &name_b]);
+    // The heir holds two thirds; the other router one third.
+    let (heir, other) = if seen[&name_a] > seen[&name_b] {
+        ((a, &name_a), (b, &name_b))
+    } else {
+        ((b, &name_b), (a, &name_a))
+    };
     assert!(
-        status.success() && out.contains("reclaim of"),
-        "rmpeer b on a: {out}{err}"
+        seen[heir.1] > RANGE / 2,
+        "the heir {} holds {} of {RANGE}",
+        heir.1,
+        seen[heir.1]
+    );
+
+    // c comes back as a new peer and gets an address from the others' space.
+    let args: Vec<&str> = joiner.iter().map(String::as_str).collect();
+    c.launch(&args);
+    let new_c = c.status_json()["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        !new_c.is_empty() && new_c != name_c,
+        "c kept its name {name_c} after reset"
+    );
+    let c2 = lab.container(c);
+    attach_ok(&lab, c, &c2, &[]);
+    all.push((c.clone(), c2));
+    assert_unique(&lab, &all);
+
+    let (killed, killed_name) = other;
+    killed.kill9();
+    all.retain(|(h, _)| h.name != killed.name);
+    let gone = lab::wait_for(WAIT_MAX, || reachable_count(heir.0) == 1);
+    assert!(
+        gone,
+        "{} still reaches {killed_name} after kill -9{}",
+        heir.1,
+        lab.report()
+    );
+    let share = ipam_json(heir.0)["reachable_percent"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(
+        share > 50.0,
+        "{} reaches owners of only {share}% of the range after {killed_name} died",
+        heir.1
+    );
+    let (status, out, err) = heir.0.meshctl(&["rmpeer", killed_name]);
+    assert!(
+        status.success() && out.contains("reclaim of") && out.contains("more than half"),
+        "rmpeer {killed_name} on {}: {out}{err}",
+        heir.1
     );
     let reclaimed = lab::wait_for(WAIT_MAX, || {
-        seen = owners(a);
-        seen.len() == 1 && seen.get(&name_a) == Some(&RANGE)
+        seen = owners(heir.0);
+        !seen.contains_key(killed_name.as_str()) && seen.values().sum::<u64>() == RANGE
     });
     assert!(
         reclaimed,
-        "after rmpeer b, a's view of the owners: {seen:?}\n{}{}",
-        ipam_json(a),
+        "after rmpeer {killed_name}, {}'s view of the owners: {seen:?}\n{}{}",
+        heir.1,
+        ipam_json(heir.0),
         lab.report()
     );
-    // b's space is a's now: b's container went with b, and its address may be given again.
-    let d = lab.container(a);
-    let ip = attach_ok(&lab, a, &d, &[]);
-    let live = vec![all[0].clone(), (a.clone(), d)];
-    let unique = assert_unique(&lab, &live);
+    assert!(
+        seen.keys().all(|o| *o == *heir.1 || *o == new_c),
+        "owners after rmpeer: {seen:?}"
+    );
+    // The killed router's space is the heir's now: its container went with it, and its
+    // address may be given again.
+    let d = lab.container(heir.0);
+    let ip = attach_ok(&lab, heir.0, &d, &[]);
+    all.push((heir.0.clone(), d));
+    let unique = assert_unique(&lab, &all);
     assert!(unique.contains_key(&ip));
 }

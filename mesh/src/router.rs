@@ -727,15 +727,10 @@ impl Router {
         n
     }
 
-    /// Hands all our space to the reachable peer with the smallest name (`meshctl reset`).
+    /// Hands all our space to a reachable peer, the one owning the least (`meshctl reset`).
     /// Returns that peer, or `None` if no peer is reachable or we own nothing.
     pub fn ipam_hand_over(&mut self) -> Option<PeerName> {
-        let to = self
-            .routes
-            .unicast
-            .keys()
-            .copied()
-            .find(|p| *p != self.name)?;
+        let to = self.ipam.heir()?;
         let moved = self.ipam.hand_over(to);
         self.flush_ipam();
         (moved > 0).then_some(to)

@@ -13,6 +13,8 @@ struct Mesh {
     now: Instant,
     ipams: Vec<Ipam>,
     alive: BTreeSet<usize>,
+    /// While split: the sides, each hearing only itself. Empty: one mesh.
+    sides: Vec<BTreeSet<usize>>,
 }
 
 impl Mesh {
@@ -33,6 +35,7 @@ impl Mesh {
             now,
             ipams,
             alive: (0..5).collect(),
+            sides: Vec::new(),
         };
         for i in 0..5 {
             mesh.ipams[i]
@@ -43,33 +46,105 @@ impl Mesh {
         mesh
     }
 
-    /// Alive routers exchange full states until nothing changes, then each sees the others
-    /// alive as reachable.
+    /// Alive routers exchange full states with their side (everyone, unless split) until
+    /// nothing changes; each sees the others alive on its side as reachable.
     fn gossip(&mut self) {
-        for _ in 0..20 {
-            let states: Vec<_> = self
-                .alive
+        let groups: Vec<BTreeSet<usize>> = if self.sides.is_empty() {
+            vec![self.alive.clone()]
+        } else {
+            self.sides
                 .iter()
-                .map(|&i| self.ipams[i].full_state())
-                .collect();
+                .map(|s| s.intersection(&self.alive).copied().collect())
+                .collect()
+        };
+        for _ in 0..20 {
             let mut changed = false;
-            for &i in &self.alive {
-                for state in &states {
-                    changed |= self.ipams[i].merge(self.now, state.clone());
+            for group in &groups {
+                let states: Vec<_> = group.iter().map(|&i| self.ipams[i].full_state()).collect();
+                for &i in group {
+                    for state in &states {
+                        changed |= self.ipams[i].merge(self.now, state.clone());
+                    }
                 }
-            }
-            let reachable: BTreeSet<PeerName> =
-                self.alive.iter().map(|&i| self.ipams[i].me()).collect();
-            for &i in &self.alive {
-                let mut others = reachable.clone();
-                others.remove(&self.ipams[i].me());
-                self.ipams[i].set_reachable(self.now, others);
-                self.ipams[i].handle_timeout(self.now);
+                let reachable: BTreeSet<PeerName> =
+                    group.iter().map(|&i| self.ipams[i].me()).collect();
+                for &i in group {
+                    let mut others = reachable.clone();
+                    others.remove(&self.ipams[i].me());
+                    self.ipams[i].set_reachable(self.now, others);
+                    self.ipams[i].handle_timeout(self.now);
+                }
             }
             if !changed {
                 return;
             }
         }
+    }
+
+    /// A new router joins (as an observer) on side `side` of a split, or the whole mesh, and
+    /// attaches `containers` containers, which makes it ask for space and own some.
+    fn join(&mut self, name: PeerName, side: Option<usize>, containers: usize) -> usize {
+        let config = IpamConfig {
+            init: Init::Observer,
+            reclaim_after: Some(RECLAIM_AFTER),
+            ..IpamConfig::default()
+        };
+        let i = self.ipams.len();
+        self.ipams.push(Ipam::new(config, name, name.0, self.now));
+        self.alive.insert(i);
+        if let Some(s) = side {
+            self.sides[s].insert(i);
+        }
+        self.gossip();
+        for c in 0..containers {
+            let id = format!("{name}-c{c}");
+            for _ in 0..20 {
+                if self.ipams[i].allocate(self.now, &id, None).is_ok() {
+                    break;
+                }
+                self.now += Duration::from_secs(1);
+                self.gossip();
+            }
+        }
+        self.gossip();
+        i
+    }
+
+    /// Splits the mesh into these sides (indices of routers).
+    fn split(&mut self, sides: &[&[usize]]) {
+        self.sides = sides.iter().map(|s| s.iter().copied().collect()).collect();
+        self.gossip();
+    }
+
+    fn heal(&mut self) {
+        self.sides.clear();
+        self.gossip();
+    }
+
+    /// Every address that two live routers both own, each in its own view: (subnet, address,
+    /// the two routers).
+    fn owned_twice(&self) -> Vec<(String, std::net::Ipv4Addr, PeerName, PeerName)> {
+        let mut ranges = Vec::new();
+        for &i in &self.alive {
+            let ipam = &self.ipams[i];
+            let mut rings: Vec<_> = ipam.rings().to_vec();
+            if let Some(u) = ipam.ring(ipam.config().universe) {
+                if !rings.iter().any(|r| r.subnet() == u.subnet()) {
+                    rings.push(u);
+                }
+            }
+            for ring in rings {
+                for r in ring.owned(ipam.me()) {
+                    ranges.push((ring.subnet().to_string(), r.start, r.end, ipam.me()));
+                }
+            }
+        }
+        ranges.sort();
+        ranges
+            .windows(2)
+            .filter(|w| w[0].0 == w[1].0 && w[0].2 > w[1].1)
+            .map(|w| (w[0].0.clone(), mesh::ipam::ip(w[1].1), w[0].3, w[1].3))
+            .collect()
     }
 
     /// `i` stops for good: the others no longer hear it.
@@ -142,5 +217,98 @@ fn a_claim_passes_to_whoever_reclaims_a_claimer_that_vanished() {
                 "{one} claims {five} (unreachable): passed to {two}, which took {one} over"
             )),
         "{claims:?}"
+    );
+}
+
+/// Goal: two sides of a long partition can't both take over a router that vanished, however many
+/// new routers each side gives space to (before, each side counted a majority of the owners in
+/// its own view, and new owners on both sides let both claimers win).
+/// Method: routers 1-5 own a fifth each; 5 vanishes; the mesh splits into {1, 2} and {3, 4} for
+/// longer than `reclaim_after`, and three new routers join each side and get space there. No
+/// address may be owned by two routers at any point, and after healing, 5's space has exactly one
+/// new owner that every router agrees on.
+#[test]
+fn two_sides_of_a_long_split_cannot_both_take_a_vanished_router() {
+    let mut mesh = Mesh::new();
+    mesh.vanish(4);
+    mesh.split(&[&[0, 1], &[2, 3]]);
+    for k in 0..3 {
+        mesh.join(PeerName(11 + k), Some(0), 2);
+        mesh.join(PeerName(21 + k), Some(1), 2);
+    }
+    for (at, first) in [(5, 11), (8, 21)] {
+        let owners = mesh.owners(at);
+        assert!(
+            (first..first + 3).all(|n| owners.contains(&PeerName(n))),
+            "new routers {first}.. got no space: {owners:?}"
+        );
+    }
+    for _ in 0..3 {
+        mesh.advance(RECLAIM_AFTER);
+        let twice = mesh.owned_twice();
+        assert!(twice.is_empty(), "owned twice during the split: {twice:?}");
+    }
+    mesh.heal();
+    mesh.advance(Duration::from_secs(1));
+    let twice = mesh.owned_twice();
+    assert!(twice.is_empty(), "owned twice after healing: {twice:?}");
+    let owners = mesh.owners(0);
+    assert!(
+        !owners.contains(&PeerName(5)),
+        "5's space was not reclaimed after healing: {:?}",
+        mesh.ipams[0].status().claims
+    );
+    for &i in &mesh.alive {
+        assert_eq!(mesh.owners(i), owners, "router {i} disagrees");
+    }
+}
+
+/// Goal: a split that outlasts `reclaim_after` can't make each side take the other's space
+/// (before, the side {1, 2} reclaimed 3 and 4 while {3, 4} reclaimed 1 and 2: every address had
+/// two owners, and the rings conflicted for good). Only a side holding more than half of the space
+/// may reclaim; it takes the other side for vanished (that is what `reclaim_after` means), and
+/// when the split heals, the routers it took over are told so and give out no address.
+/// Method: 5 resets and hands its fifth to 3, so {3, 4} hold 3/5 and {1, 2} hold 2/5; the split
+/// lasts three times `reclaim_after`.
+#[test]
+fn only_the_side_with_most_of_the_space_reclaims_during_a_long_split() {
+    let mut mesh = Mesh::new();
+    mesh.ipams[4].hand_over(PeerName(3));
+    mesh.gossip();
+    mesh.alive.remove(&4);
+    mesh.split(&[&[0, 1], &[2, 3]]);
+    mesh.advance(RECLAIM_AFTER);
+    mesh.advance(RECLAIM_AFTER);
+    for i in [0, 1] {
+        let owners = mesh.owners(i);
+        assert!(
+            owners.contains(&PeerName(3)) && owners.contains(&PeerName(4)),
+            "the side {{1, 2}} with 2/5 of the space took the other side's: router {} sees {owners:?}",
+            i + 1
+        );
+    }
+    assert_eq!(
+        mesh.owners(2),
+        BTreeSet::from([PeerName(3), PeerName(4)]),
+        "the side {{3, 4}} with 3/5 did not take the routers it can't reach: {:?}",
+        mesh.ipams[2].status().claims
+    );
+    mesh.heal();
+    mesh.advance(Duration::from_secs(1));
+    let twice = mesh.owned_twice();
+    assert!(twice.is_empty(), "owned twice after healing: {twice:?}");
+    let owners = mesh.owners(2);
+    for &i in &mesh.alive {
+        assert_eq!(mesh.owners(i), owners, "router {} disagrees", i + 1);
+    }
+    let status = mesh.ipams[0].status();
+    let conflict = status.conflict.unwrap_or_default();
+    assert!(
+        conflict.contains("taken over") && conflict.contains("meshctl reset"),
+        "router 1 was not told its space was taken over: {conflict:?}"
+    );
+    assert!(
+        mesh.ipams[0].allocate(mesh.now, "late", None).is_err(),
+        "router 1 still gives out addresses it no longer owns"
     );
 }

@@ -122,6 +122,10 @@ pub(crate) struct IpamStatus {
     /// Owners we have no route to (their space cannot be used until they return or are
     /// reclaimed).
     pub(crate) unreachable_owners: Vec<String>,
+    /// The share of `range`, in percent, owned by this router and the routers it reaches:
+    /// reclaims need more than 50. Absent before the first ownership is agreed.
+    #[serde(default)]
+    pub(crate) reachable_percent: Option<f64>,
     /// This router's allocations.
     pub(crate) allocations: Vec<IpamAllocation>,
     /// Reclaims of vanished peers, in progress or done.

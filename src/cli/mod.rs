@@ -130,11 +130,11 @@ pub(crate) enum Command {
         json: bool,
     },
     /// Leave the mesh: detach the containers attached here, hand this router's address space to
-    /// a live peer, stop the router and remove its IPAM state (before removing the host from the
-    /// mesh).
+    /// a live peer, stop the router and remove its IPAM state and identity (before removing the
+    /// host from the mesh; a later launch joins as a new peer).
     Reset,
-    /// Reclaim the address space of a peer that is gone for good, once a quorum of the peers
-    /// that knew it agrees (it must be unreachable).
+    /// Reclaim the address space of a peer that is gone for good, once routers owning more than
+    /// half of the address range agree (it must be unreachable; each router's addresses vote).
     Rmpeer {
         /// Peer name or nickname.
         peer: String,
@@ -267,9 +267,10 @@ pub(crate) struct LaunchArgs {
     /// [default: consensus=(number of PEERs given + 1)].
     #[arg(long, value_name = "MODE")]
     pub(crate) ipalloc_init: Option<String>,
-    /// After how long unreachable a router's address space is reclaimed by the others' vote
-    /// (`30m`, `1h`, `2h30m`; `never`: only by `meshctl rmpeer`). Longer than any network split
-    /// you want to outlast: a router cut off for longer counts as gone.
+    /// After how long unreachable a router's address space is reclaimed, once routers owning
+    /// more than half of the range agree (`30m`, `1h`, `2h30m`; `never`: only by `meshctl
+    /// rmpeer`). Longer than any network split you want to outlast: a router cut off for longer
+    /// counts as gone, and the side holding most of the range takes its space over.
     #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = parse_reclaim_after)]
     pub(crate) ipalloc_reclaim_after: ReclaimAfter,
     /// Domain of container names: attached containers are NAME.DOMAIN, answered by the

@@ -388,6 +388,17 @@ fn render_ipam(s: &crate::api::types::IpamStatus) -> String {
             "  unreachable owners (their space is unusable until they return or `meshctl rmpeer`): {}\n",
             s.unreachable_owners.join(", ")
         ));
+        if let Some(p) = s.reachable_percent {
+            let can = if p > 50.0 {
+                "enough to reclaim"
+            } else {
+                "reclaims need more than half (of two exact halves, the one with the range's first address)"
+            };
+            out.push_str(&format!(
+                "  reachable owners hold {p:.1}% of {}: {can}\n",
+                s.range
+            ));
+        }
     }
     for sub in &s.subnets {
         out.push_str(&format!("\nSubnet {}:\n", sub.subnet));

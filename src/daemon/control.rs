@@ -394,11 +394,15 @@ impl Control {
             tokio::time::timeout(Duration::from_secs(1), self.settings.endpoint.wait_idle()).await;
         if self.reset {
             drop(self.ipam_store.take());
-            let path = self.settings.state_dir.join(super::ipam_store::FILE);
-            match std::fs::remove_file(&path) {
-                Ok(()) => tracing::info!("reset: removed {}", path.display()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!("reset: remove {}: {e}", path.display()),
+            // The identity goes too: the mesh now names this peer's successor for good, so a
+            // later launch must join as a new peer.
+            for file in [super::ipam_store::FILE, super::IDENTITY_FILE] {
+                let path = self.settings.state_dir.join(file);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!("reset: removed {}", path.display()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!("reset: remove {}: {e}", path.display()),
+                }
             }
         }
         Ok(())
@@ -597,9 +601,9 @@ impl Control {
             Some(to) => {
                 let nick = self.nickname_of(to);
                 tracing::info!(peer = %to, "reset: handed our address space over");
-                format!("handed this router's address space to {to}{nick}; router stopped and its IPAM state removed")
+                format!("handed this router's address space to {to}{nick}; router stopped, its IPAM state and identity removed (a later launch joins as a new peer)")
             }
-            None => "no live peer to hand address space to (this router owned none, or is alone); router stopped and its IPAM state removed".to_string(),
+            None => "no live peer to hand address space to (this router owned none, or is alone); router stopped, its IPAM state and identity removed (a later launch joins as a new peer)".to_string(),
         };
         self.drain();
         answer
@@ -626,8 +630,17 @@ impl Control {
                 format!("no peer named {name:?}; give a name or nickname from `meshctl ipam`")
             })?;
         self.router.ipam_remove_peer(now, peer)?;
+        // Our own vote is in already: say how far the claim got.
+        let progress = self
+            .router
+            .ipam()
+            .status()
+            .claims
+            .into_iter()
+            .find(|c| c.contains(&format!(" claims {peer} ")))
+            .unwrap_or_default();
         Ok(format!(
-            "reclaim of {peer}{} started: its space moves once a quorum of the peers that knew it agrees (see `meshctl ipam`)",
+            "reclaim of {peer}{} started: its space moves once routers owning more than half of the address range agree (see `meshctl ipam`); now: {progress}",
             self.nickname_of(peer)
         ))
     }
@@ -716,6 +729,9 @@ impl Control {
             bootstrap_members: s.genesis.map(|g| g.iter().map(|p| p.to_string()).collect()),
             subnets,
             unreachable_owners: unreachable.into_iter().collect(),
+            reachable_percent: s
+                .reachable_share
+                .map(|(reach, all)| (reach as f64 * 1000.0 / all.max(1) as f64).round() / 10.0),
             allocations: s
                 .allocations
                 .into_iter()

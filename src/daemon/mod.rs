@@ -404,9 +404,12 @@ fn start_docker_plugin(
     Ok(Some((socket, task)))
 }
 
+/// The file in the state directory that holds the router's key pair, hence its peer name.
+pub(crate) const IDENTITY_FILE: &str = "identity.pk8";
+
 /// Loads the identity from `DIR/identity.pk8`, creating it (mode 0600) on first start.
 fn load_or_create_identity(dir: &Path) -> Result<Identity> {
-    let path = dir.join("identity.pk8");
+    let path = dir.join(IDENTITY_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => Identity::from_pkcs8(&bytes).map_err(|e| {
             anyhow::anyhow!(

@@ -4,7 +4,9 @@
 //! (`net:CIDR`) is divided by a [`Ring`] of ranges owned by peers. A peer allocates only from
 //! ranges it owns ([`Allocator`]), so allocation needs no coordination. Ownership changes only by
 //! the owner (a donation to a peer that ran out, a hand-over before `meshctl reset`) or by a
-//! quorum-agreed reclaim of a peer that vanished (`claims.rs`).
+//! quorum-agreed reclaim of a peer that vanished (`claims.rs`). A hand-over or a reclaim names the
+//! departed peer's successor in the rings' register of departures, which every ring of ours
+//! holds in the same state ([`Ipam::store_ring`]).
 //!
 //! Everything peers need from each other travels as one gossiped [`IpamUpdate`] that merges like
 //! a CRDT: the bootstrap votes ([`Consensus`]), the agreed genesis member list, the rings, and
@@ -236,6 +238,9 @@ pub struct IpamStatus {
     pub allocations: Vec<(Cidr, String, Ipv4Addr, bool)>,
     /// Reclaims in progress or done, one line each.
     pub claims: Vec<String>,
+    /// Addresses of the universe owned by us and the peers we reach, and the universe's size:
+    /// reclaims need more than half. `None` before the genesis.
+    pub reachable_share: Option<(u64, u64)>,
 }
 
 /// The IPAM state machine of one peer, owned by the [`crate::Router`].
@@ -254,6 +259,8 @@ pub struct Ipam {
     requests_seen: BTreeMap<(PeerName, u64), Instant>,
     donated: BTreeSet<(PeerName, u64, Cidr)>,
     conflict: Option<String>,
+    /// We handed our space over (`meshctl reset`): that our space is gone is no surprise.
+    left: bool,
     next_tick: Instant,
     /// What our neighbours have heard from us so far (full states and deltas), so that a
     /// change sends only the rings and records that differ.
@@ -319,6 +326,7 @@ impl Ipam {
             requests_seen: BTreeMap::new(),
             donated: BTreeSet::new(),
             conflict: None,
+            left: false,
             sent: IpamUpdate::default(),
             changed: true,
             dirty: true,
@@ -458,17 +466,24 @@ impl Ipam {
         &self.allocator
     }
 
-    /// The ring of `subnet`, if we have a genesis.
+    /// The ring of `subnet`, if we have a genesis. A ring nobody changed yet is the genesis
+    /// split, with the departures we know (a departed founder's share is its successor's).
     pub fn ring(&self, subnet: Cidr) -> Option<Ring> {
         let genesis = self.state.genesis.as_ref()?;
-        Some(
-            self.state
-                .rings
-                .iter()
-                .find(|r| r.subnet() == subnet)
-                .cloned()
-                .unwrap_or_else(|| Ring::genesis(subnet, genesis)),
-        )
+        if let Some(r) = self.state.rings.iter().find(|r| r.subnet() == subnet) {
+            return Some(r.clone());
+        }
+        let mut ring = Ring::genesis(subnet, genesis);
+        ring.adopt_departed(self.departed())
+            .expect("invariant: a genesis ring has no departures to conflict with");
+        Some(ring)
+    }
+
+    /// Departed peers (reset or reclaimed) and their successors: the register every stored
+    /// ring holds alike.
+    pub fn departed(&self) -> &BTreeMap<PeerName, PeerName> {
+        static NONE: BTreeMap<PeerName, PeerName> = BTreeMap::new();
+        self.state.rings.first().map_or(&NONE, |r| r.departed())
     }
 
     /// All rings we hold.
@@ -687,31 +702,67 @@ impl Ipam {
         .expect("invariant: next_tick is always set")
     }
 
-    /// Hands all our space to `to` (before `meshctl reset`). Returns how many entries moved.
+    /// The peer to hand our space to before `meshctl reset`: the reachable peer that owns the
+    /// least of the universe (reclaim votes weigh address space, so spreading it keeps any
+    /// one peer from holding half), the smallest name among equals.
+    pub fn heir(&self) -> Option<PeerName> {
+        let universe = self.ring(self.config.universe);
+        self.reachable
+            .iter()
+            .filter(|p| **p != self.me && !self.departed().contains_key(p))
+            .min_by_key(|p| {
+                let owned: u64 = universe
+                    .as_ref()
+                    .map(|u| u.owned(**p).iter().map(|r| r.len()).sum())
+                    .unwrap_or(0);
+                (owned, **p)
+            })
+            .copied()
+    }
+
+    /// Hands all our space to `to` (before `meshctl reset`): names `to` our successor in the
+    /// register, so every ring, also one nobody has divided yet, passes our share to it.
+    /// Returns how many ranges of ours moved, counting a founder's share of the subnets nobody
+    /// divided yet as one (0: we held nothing, or have no genesis yet, and nothing changed).
     pub fn hand_over(&mut self, to: PeerName) -> usize {
-        let mut moved = 0;
-        // Rings nobody changed yet are not stored (they derive from the genesis): store those
-        // of the universe and of every subnet we allocated in, so that they move too.
-        let mut subnets: BTreeSet<Cidr> = self.allocator.all().map(|(s, _, _)| s).collect();
-        subnets.insert(self.config.universe);
-        let mut rings = std::mem::take(&mut self.state.rings);
-        for subnet in subnets {
-            if rings.iter().any(|r| r.subnet() == subnet) {
-                continue;
+        let Some(universe) = self.ring(self.config.universe) else {
+            return 0;
+        };
+        let founder = self
+            .state
+            .genesis
+            .as_ref()
+            .is_some_and(|g| g.contains(&self.me));
+        let moved: usize = self
+            .state
+            .rings
+            .iter()
+            .chain(
+                (!self
+                    .state
+                    .rings
+                    .iter()
+                    .any(|r| r.subnet() == universe.subnet()))
+                .then_some(&universe),
+            )
+            .map(|r| r.owned(self.me).len())
+            .sum::<usize>()
+            + usize::from(founder);
+        if moved == 0 {
+            return 0;
+        }
+        let mut universe = universe;
+        match universe.depart(self.me, to) {
+            Ok(_) => {}
+            Err(e) => {
+                self.set_conflict(format!("hand over to {to}: {e}"));
+                return 0;
             }
-            if let Some(ring) = self.ring(subnet) {
-                rings.push(ring);
-            }
         }
-        for ring in &mut rings {
-            moved += ring.transfer(self.me, to);
-        }
-        rings.sort_by_key(|r| r.subnet());
-        self.state.rings = rings;
-        if moved > 0 {
-            self.changed = true;
-            self.dirty = true;
-        }
+        self.left = true;
+        self.store_ring(universe);
+        self.changed = true;
+        self.dirty = true;
         moved
     }
 
@@ -724,6 +775,14 @@ impl Ipam {
         if self.reachable.contains(&peer) {
             return Err(format!(
                 "{peer} is reachable; stop its router (or run `meshctl reset` there) first"
+            ));
+        }
+        if let Some(&to) = self.departed().get(&peer) {
+            return Err(format!("{peer} has left already: its space went to {to}"));
+        }
+        if !self.owns_space(peer) {
+            return Err(format!(
+                "{peer} owns no address space in this router's view; nothing to reclaim"
             ));
         }
         let record = self.state.records.entry(self.me).or_default();
@@ -767,6 +826,8 @@ impl Ipam {
         self.events.push_back(IpamEvent::Genesis { members });
     }
 
+    /// Stores `ring` and gives every stored ring the same register of departures (the union:
+    /// a departure learned with one ring holds for all).
     fn store_ring(&mut self, ring: Ring) {
         match self
             .state
@@ -778,6 +839,21 @@ impl Ipam {
             None => self.state.rings.push(ring),
         }
         self.state.rings.sort_by_key(|r| r.subnet());
+        let mut all = BTreeMap::new();
+        for r in &self.state.rings {
+            all.extend(r.departed().iter().map(|(a, b)| (*a, *b)));
+        }
+        let mut failed = None;
+        for r in &mut self.state.rings {
+            if let Err(e) = r.adopt_departed(&all) {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            self.set_conflict(format!(
+                "{e}; the peers disagree on who holds a departed peer's space; run `meshctl reset` on one side"
+            ));
+        }
     }
 
     /// Runs every rule that reacts to state: bootstrap, space we lost or gained, donations,
@@ -875,6 +951,15 @@ impl Ipam {
 
     /// Drops allocations in space we no longer own; clears requests once we have space.
     fn check_owned(&mut self) {
+        if let (Some(&to), false) = (self.departed().get(&self.me), self.left) {
+            let reason = format!(
+                "this router's address space was taken over by {to} while this router was \
+                 unreachable (for longer than --ipalloc-reclaim-after, or `meshctl rmpeer` ran \
+                 elsewhere); the addresses it gave out may go to other containers now: run \
+                 `meshctl reset` on this host, then launch again"
+            );
+            self.set_conflict(reason);
+        }
         let subnets: BTreeSet<Cidr> = self.allocator.all().map(|(s, _, _)| s).collect();
         let mut lost = Vec::new();
         for subnet in subnets {
@@ -918,7 +1003,7 @@ impl Ipam {
             .ring(subnet)
             .map(|r| {
                 r.entries()
-                    .filter(|(_, e)| e.owner == self.me)
+                    .filter(|(_, owner)| *owner == self.me)
                     .map(|(r, _)| r)
                     .collect()
             })
@@ -1039,8 +1124,8 @@ impl Ipam {
             for subnet in all {
                 let ring = self.ring(subnet).expect("invariant: genesis exists");
                 let mut owned: BTreeMap<PeerName, u64> = BTreeMap::new();
-                for (r, e) in ring.entries() {
-                    *owned.entry(e.owner).or_default() += r.intersect(&subnet.hosts()).len();
+                for (r, owner) in ring.entries() {
+                    *owned.entry(owner).or_default() += r.intersect(&subnet.hosts()).len();
                 }
                 let owners = owned
                     .into_iter()
@@ -1082,6 +1167,14 @@ impl Ipam {
                 .map(|(s, id, a)| (s, id.to_owned(), ip(a.addr), a.releasing))
                 .collect(),
             claims: self.claims_status(),
+            reachable_share: self.ring(self.config.universe).map(|u| {
+                let reach: u64 = u
+                    .entries()
+                    .filter(|(_, o)| *o == self.me || self.reachable.contains(o))
+                    .map(|(r, _)| r.len())
+                    .sum();
+                (reach, u.subnet().range().len())
+            }),
         }
     }
 }
