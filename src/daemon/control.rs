@@ -757,7 +757,12 @@ impl Control {
                 let _ = reply.send(answer);
             }
             while let Some(e) = self.router.poll_ipam_event() {
-                tracing::info!("ipam: {e:?}");
+                match e {
+                    mesh::ipam::IpamEvent::Lost { .. }
+                    | mesh::ipam::IpamEvent::Conflict { .. }
+                    | mesh::ipam::IpamEvent::TakenTwice { .. } => tracing::warn!("ipam: {e:?}"),
+                    _ => tracing::info!("ipam: {e:?}"),
+                }
             }
             let mut progress = false;
             while let Some(t) = self.router.poll_transmit() {

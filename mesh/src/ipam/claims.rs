@@ -20,6 +20,12 @@
 //! take each other's space. New routers change nothing: they own only space some owner gave
 //! them, and that space voted (or not) as before.
 //!
+//! Votes and claims belong to a claim round on their peer (the register's rounds). A peer that is
+//! alive and sees a claim on itself starts a new round, which voids every claim, vote and yield
+//! of the earlier ones: votes cast while it was cut off, or while a router restarted and saw
+//! nobody yet, can't take it over later. A claimer whose claim was voided starts the clock again:
+//! the peer must be gone for `reclaim_after` once more (a `meshctl rmpeer` claim just ends).
+//!
 //! Votes can split: claims made on both sides of a partition each gather votes there, and after
 //! healing none may reach a majority, so the space would stay with the vanished peer for good.
 //! So a claimer that sees a smaller claimer for the same peer yields to it, once and for good
@@ -29,10 +35,18 @@
 //! claimer only after the one it was cast for has given up winning.
 //!
 //! A claimer can itself depart (vanish and be reclaimed, or reset) after the votes went to it.
-//! Its claims then pass to its successor, with the votes cast for it and the yields made to it:
-//! the successor wins them as if it had been voted for. This rests on the assumption every
+//! Its claims then pass to whoever holds its space, with the votes cast for it and the yields
+//! made to it: that peer wins them as if it had been voted for. Yields and departures together
+//! could lead in a circle (2 yields to 1, 1 resets to 11, 11 yields to 2): a claimer never
+//! yields into a chain that leads back to itself, and a circle made by later events counts for
+//! its smallest member still present. This rests on the assumption every
 //! reclaim makes: a reclaimed peer does not come back with its old state (one that does is told
 //! so and gives out no address, see `Ipam::check_owned`).
+//!
+//! Only peers that have not departed claim: a router told it was taken over (it was cut off for
+//! too long) keeps running until its operator resets it, and must not block claims meanwhile.
+//! A `meshctl rmpeer` vote needs its peer unreachable for [`FORCED_SETTLE`] at the voter, so a
+//! router that just restarted, and reaches nobody yet, doesn't vote on everyone at once.
 //!
 //! Liveness needs the reachable owners of more than half of the universe. A peer that holds half
 //! or more can't be reclaimed without its return (in a mesh of two, the one without the first
@@ -40,33 +54,55 @@
 //! `rmpeer`, which moved the space at once, without any vote.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Ipam, IpamEvent, Ring};
+use super::{Ipam, IpamEvent, Register, Ring, Vote};
 use crate::peer::PeerName;
 
-/// One peer's claims and votes; part of its gossiped record.
+/// How long a peer must be unreachable at a voter before it votes on a `meshctl rmpeer` claim.
+pub const FORCED_SETTLE: Duration = Duration::from_secs(10);
+
+/// A claim on a vanished peer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Claim {
+    /// Made by `meshctl rmpeer` (no wait for `reclaim_after`).
+    pub forced: bool,
+    /// The claim round on the peer it belongs to.
+    pub round: u64,
+}
+
+/// A claimer's yield of its claim (and the votes it got) to a smaller claimer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Yield {
+    /// The claimer yielded to.
+    pub to: PeerName,
+    /// The claim round it belongs to.
+    pub round: u64,
+}
+
+/// One peer's claims and votes; part of its gossiped record. Entries of past rounds, or on peers
+/// that departed, are void; their writer drops them.
 #[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct Claims {
-    /// Vanished peers this peer asks to take over; `true` when forced by `meshctl rmpeer`.
-    pub claims: BTreeMap<PeerName, bool>,
-    /// Per vanished peer, the claimer this peer voted for. Never changes once set; stamped into
-    /// the universe entries the peer owns, where it counts.
-    pub votes: BTreeMap<PeerName, PeerName>,
-    /// Per vanished peer, the smaller claimer this peer yielded its claim (and the votes it got)
-    /// to. Never changes once set; a peer never takes over one it yielded.
-    pub yielded: BTreeMap<PeerName, PeerName>,
+    /// Vanished peers this peer asks to take over.
+    pub claims: BTreeMap<PeerName, Claim>,
+    /// Per vanished peer, the claimer this peer voted for. Never changes within a round; stamped
+    /// into the universe entries the peer owns, where it counts.
+    pub votes: BTreeMap<PeerName, Vote>,
+    /// Per vanished peer, the smaller claimer this peer yielded its claim to. Never changes
+    /// within a round; a peer never takes over one it yielded.
+    pub yielded: BTreeMap<PeerName, Yield>,
 }
 
 impl Claims {
-    /// Adds a claim; returns whether it is new (or newly forced).
-    pub fn claim(&mut self, peer: PeerName, forced: bool) -> bool {
+    /// Adds a claim in `round`; returns whether it is new (or newly forced).
+    pub fn claim(&mut self, peer: PeerName, forced: bool, round: u64) -> bool {
         match self.claims.get(&peer) {
-            Some(&f) if f || !forced => false,
+            Some(c) if c.round > round || (c.round == round && (c.forced || !forced)) => false,
             _ => {
-                self.claims.insert(peer, forced);
+                self.claims.insert(peer, Claim { forced, round });
                 true
             }
         }
@@ -98,37 +134,53 @@ impl Tally {
     }
 }
 
+/// Whether a claim, vote or yield of `round` on `peer` still counts.
+fn live(register: &Register, peer: PeerName, round: u64) -> bool {
+    !register.departed(peer) && round == register.round(peer)
+}
+
 impl Ipam {
     /// The claimer a vote for `claimer` on `gone` counts for: `claimer`, or where its yields
-    /// and departures lead. A claimer that departed (it vanished for good before it could win,
-    /// or reset) passes its claims on to its successor, as it does its space.
-    fn vote_goes_to(&self, gone: PeerName, mut claimer: PeerName) -> PeerName {
-        let departed = self.departed();
-        // Yields go to smaller names and the register has no cycles, so this ends; the bound
-        // is for corrupt or contradictory records.
-        for _ in 0..2 * (self.state.records.len() + departed.len()) + 2 {
-            if let Some(&successor) = departed.get(&claimer) {
-                claimer = successor;
+    /// (of the current round) and departures lead. A circle counts for its smallest member
+    /// that has not departed.
+    fn vote_goes_to(&self, register: &Register, gone: PeerName, claimer: PeerName) -> PeerName {
+        let round = register.round(gone);
+        let mut path: Vec<PeerName> = Vec::new();
+        let mut c = claimer;
+        loop {
+            if let Some(i) = path.iter().position(|p| *p == c) {
+                let circle = &path[i..];
+                return circle
+                    .iter()
+                    .copied()
+                    .filter(|p| !register.departed(*p))
+                    .min()
+                    .unwrap_or_else(|| *circle.iter().min().expect("invariant: not empty"));
+            }
+            path.push(c);
+            if register.departed(c) {
+                c = register.owner(c);
                 continue;
             }
             let next = self
                 .state
                 .records
-                .get(&claimer)
-                .and_then(|r| r.claims.yielded.get(&gone));
+                .get(&c)
+                .and_then(|r| r.claims.yielded.get(&gone))
+                .filter(|y| y.round == round && y.to < c);
             match next {
-                // A yield to a peer that departed since leads to its successor.
-                Some(&to) if to < claimer && departed.get(&to) != Some(&claimer) => claimer = to,
-                _ => break,
+                Some(y) => c = y.to,
+                None => return c,
             }
         }
-        claimer
     }
 
-    /// The universe's votes on `gone` that count for `claimer`. Addresses `gone` owns don't
-    /// vote; they still count in the total.
+    /// The universe's votes on `gone` (of its current round) that count for `claimer`.
+    /// Addresses `gone` owns don't vote; they still count in the total.
     fn tally(&self, universe: &Ring, gone: PeerName, claimer: PeerName) -> Tally {
+        let register = universe.register();
         let whole = universe.subnet().range();
+        let round = register.round(gone);
         let mut leads: BTreeMap<PeerName, bool> = BTreeMap::new();
         let mut tally = Tally {
             voted: 0,
@@ -136,12 +188,12 @@ impl Ipam {
             total: whole.len(),
         };
         for (range, owner, entry) in universe.slots() {
-            let Some(&c) = entry.votes.get(&gone) else {
+            let Some(v) = entry.votes.get(&gone).filter(|v| v.round == round) else {
                 continue;
             };
             let counts = *leads
-                .entry(c)
-                .or_insert_with(|| self.vote_goes_to(gone, c) == claimer);
+                .entry(v.claimer)
+                .or_insert_with(|| self.vote_goes_to(register, gone, v.claimer) == claimer);
             if counts && owner != gone {
                 tally.voted += range.len();
                 tally.first |= range.start == whole.start;
@@ -150,47 +202,34 @@ impl Ipam {
         tally
     }
 
-    /// Every peer that owns space in our view (departed peers own nothing; their successors
-    /// hold it).
-    fn owners(&self) -> BTreeSet<PeerName> {
-        let mut e: BTreeSet<PeerName> = BTreeSet::new();
+    /// Every peer that owns space in `universe` or another stored ring (departed peers own
+    /// nothing; whoever holds their space does).
+    fn owners_with(&self, universe: &Ring) -> BTreeSet<PeerName> {
+        let mut e = universe.owners();
         for ring in &self.state.rings {
-            e.extend(ring.owners());
-        }
-        if let Some(universe) = self.ring(self.config.universe) {
-            e.extend(universe.owners());
+            if ring.subnet() != universe.subnet() {
+                e.extend(ring.owners());
+            }
         }
         e
     }
 
     pub(super) fn owns_space(&self, peer: PeerName) -> bool {
-        if self.departed().contains_key(&peer) {
-            return false;
-        }
-        let stored = |r: &Ring| r.entries().any(|(_, owner)| owner == peer);
-        if self.state.rings.iter().any(stored) {
-            return true;
-        }
-        let universe_stored = self
-            .state
-            .rings
-            .iter()
-            .any(|r| r.subnet() == self.config.universe);
-        !universe_stored
-            && self
-                .ring(self.config.universe)
-                .is_some_and(|u| u.owners().contains(&peer))
+        self.ring(self.config.universe)
+            .is_some_and(|u| self.owners_with(&u).contains(&peer))
     }
 
     fn unreachable_long_enough(&self, now: Instant, peer: PeerName, forced: bool) -> bool {
         if self.reachable.contains(&peer) || peer == self.me {
             return false;
         }
-        if forced {
-            return true;
-        }
-        let Some(after) = self.config.reclaim_after else {
-            return false;
+        let after = if forced {
+            FORCED_SETTLE
+        } else {
+            let Some(after) = self.config.reclaim_after else {
+                return false;
+            };
+            after
         };
         self.unreachable_since
             .get(&peer)
@@ -198,13 +237,31 @@ impl Ipam {
     }
 
     pub(super) fn claims_step(&mut self, now: Instant) {
-        if self.departed().contains_key(&self.me) {
+        let Some(mut universe) = self.ring(self.config.universe) else {
+            return;
+        };
+        if universe.register().departed(self.me) {
             // We left, or were taken over: we have no say (`check_owned` tells the user).
             return;
         }
-        let mut changed = false;
+        let mut ring_changed = false;
+        // A claim on us in our current round means nothing: we are here. A new round says so.
+        let round = universe.register().round(self.me);
+        let claimed = self.state.records.values().any(|r| {
+            r.claims
+                .claims
+                .get(&self.me)
+                .is_some_and(|c| c.round == round)
+        }) || universe
+            .slots()
+            .any(|(_, _, e)| e.votes.get(&self.me).is_some_and(|v| v.round == round));
+        if claimed {
+            universe.bump_round(self.me);
+            ring_changed = true;
+        }
+        let mut changed = self.prune_own_claims(now, universe.register());
         let owners = {
-            let mut o = self.owners();
+            let mut o = self.owners_with(&universe);
             o.remove(&self.me);
             o
         };
@@ -216,77 +273,86 @@ impl Ipam {
                 self.unreachable_since.entry(x).or_insert(now);
             }
         }
-        // Claim: the smallest reachable peer (or us) claims every owner gone for long enough.
-        let smallest = self.reachable.iter().copied().chain([self.me]).min();
+        // Claim: the smallest reachable peer that has not departed (or we) claims every owner
+        // gone for long enough.
+        let register = universe.register().clone();
+        let smallest = self
+            .reachable
+            .iter()
+            .copied()
+            .filter(|p| !register.departed(*p))
+            .chain([self.me])
+            .min();
         if smallest == Some(self.me) {
             for &x in &owners {
                 if self.unreachable_long_enough(now, x, false) {
                     let rec = self.state.records.entry(self.me).or_default();
-                    changed |= rec.claims.claim(x, false);
+                    changed |= rec.claims.claim(x, false, register.round(x));
                 }
             }
         }
         // Inherit: the claims of peers whose space came to us, with the votes they gathered.
-        changed |= self.inherit_claims();
-        // Vote: once per vanished peer, for the smallest claimer we see.
-        let departed = self.departed().clone();
-        let mut claimers: BTreeMap<PeerName, (PeerName, bool)> = BTreeMap::new();
-        for (c, r) in &self.state.records {
-            if departed.contains_key(c) {
-                continue;
-            }
-            for (&x, &forced) in &r.claims.claims {
-                if departed.contains_key(&x) {
-                    continue;
-                }
-                let e = claimers.entry(x).or_insert((*c, forced));
-                if *c < e.0 {
-                    *e = (*c, forced);
-                }
-            }
-        }
-        for (x, (claimer, forced)) in claimers {
-            let voted = self.state.records[&self.me].claims.votes.contains_key(&x);
+        changed |= self.inherit_claims(&register);
+        // Vote: once per vanished peer and round, for the smallest claimer we see.
+        let claimers = self.claimers(&register);
+        for (&x, &(claimer, forced)) in &claimers {
+            let voted = self.state.records[&self.me]
+                .claims
+                .votes
+                .get(&x)
+                .is_some_and(|v| live(&register, x, v.round));
             if voted || !self.unreachable_long_enough(now, x, forced) {
                 continue;
             }
             let rec = self.state.records.get_mut(&self.me).expect("own record");
-            rec.claims.votes.insert(x, claimer);
+            let vote = Vote {
+                claimer,
+                round: register.round(x),
+            };
+            rec.claims.votes.insert(x, vote);
             changed = true;
         }
         // Our addresses carry our votes, also addresses we received or inherited since.
-        self.stamp_votes();
-        // Yield: to a smaller claimer of the same peer.
+        for (&x, v) in &self.state.records[&self.me].claims.votes {
+            if owners.contains(&x) && live(&register, x, v.round) {
+                ring_changed |= universe.stamp(self.me, x, v.claimer);
+            }
+        }
+        // Yield: to a smaller claimer of the same peer, unless its votes would lead back to us.
         let mine: Vec<PeerName> = self.state.records[&self.me]
             .claims
             .claims
-            .keys()
-            .copied()
-            .filter(|x| !departed.contains_key(x))
+            .iter()
+            .filter(|(x, c)| live(&register, **x, c.round))
+            .map(|(x, _)| *x)
             .collect();
         for &x in &mine {
-            if self.state.records[&self.me].claims.yielded.contains_key(&x) {
+            let own = &self.state.records[&self.me].claims;
+            if own.yielded.contains_key(&x) {
                 continue;
             }
-            let smaller = self
-                .state
-                .records
-                .iter()
-                .filter(|(c, r)| {
-                    **c < self.me && r.claims.claims.contains_key(&x) && !departed.contains_key(c)
-                })
-                .map(|(c, _)| *c)
-                .min();
-            if let Some(to) = smaller {
+            let Some(&(to, _)) = claimers.get(&x) else {
+                continue;
+            };
+            if to < self.me && self.vote_goes_to(&register, x, to) != self.me {
                 let rec = self.state.records.get_mut(&self.me).expect("own record");
-                rec.claims.yielded.insert(x, to);
+                let round = register.round(x);
+                rec.claims.yielded.insert(x, Yield { to, round });
                 changed = true;
             }
         }
         // Win: once addresses covering more than half of the universe voted for us (directly
-        // or through claimers that yielded to us or departed to us).
+        // or through claimers that yielded to us or whose space we hold).
         for x in mine {
-            changed |= self.try_win(now, x);
+            if self.try_win(now, x, &mut universe) {
+                ring_changed = true;
+                changed |= self.inherit_claims(&universe.register().clone());
+            }
+        }
+        if ring_changed {
+            self.store_ring(universe);
+            self.changed = true;
+            self.dirty = true;
         }
         if changed {
             let rec = self.state.records.get_mut(&self.me).expect("own record");
@@ -296,84 +362,93 @@ impl Ipam {
         }
     }
 
-    /// Adopts the unfinished claims of every peer whose successor (at the end of the chain) we
-    /// are. Returns whether our record changed.
-    fn inherit_claims(&mut self) -> bool {
-        let Some(universe) = self.ring(self.config.universe) else {
-            return false;
-        };
-        let departed = self.departed();
-        let inherited: Vec<(PeerName, bool)> = departed
-            .keys()
-            .filter(|p| universe.owner(**p) == self.me)
-            .filter_map(|p| self.state.records.get(p))
-            .flat_map(|r| r.claims.claims.iter())
-            .filter(|(y, _)| **y != self.me && !departed.contains_key(y))
-            .map(|(&y, &forced)| (y, forced))
+    /// Per vanished peer, the smallest claimer (that has not departed) of its current round,
+    /// and whether that claim is forced.
+    fn claimers(&self, register: &Register) -> BTreeMap<PeerName, (PeerName, bool)> {
+        let mut claimers: BTreeMap<PeerName, (PeerName, bool)> = BTreeMap::new();
+        for (c, r) in &self.state.records {
+            if register.departed(*c) {
+                continue;
+            }
+            for (&x, claim) in &r.claims.claims {
+                if !live(register, x, claim.round) {
+                    continue;
+                }
+                let e = claimers.entry(x).or_insert((*c, claim.forced));
+                if *c < e.0 {
+                    *e = (*c, claim.forced);
+                }
+            }
+        }
+        claimers
+    }
+
+    /// Drops our claims, votes and yields that are void (a past round, or a peer that
+    /// departed). A claim voided by a new round restarts the wait for its peer: it answered
+    /// someone, so it must be gone for `reclaim_after` again. Returns whether our record changed.
+    fn prune_own_claims(&mut self, now: Instant, register: &Register) -> bool {
+        let own = &self.state.records[&self.me].claims;
+        let restart: Vec<PeerName> = own
+            .claims
+            .iter()
+            .filter(|(x, c)| !register.departed(**x) && c.round < register.round(**x))
+            .map(|(x, _)| *x)
             .collect();
         let rec = self.state.records.get_mut(&self.me).expect("own record");
-        let mut changed = false;
-        for (y, forced) in inherited {
-            changed |= rec.claims.claim(y, forced);
+        let before = rec.claims.clone();
+        rec.claims.claims.retain(|x, c| live(register, *x, c.round));
+        rec.claims.votes.retain(|x, v| live(register, *x, v.round));
+        rec.claims
+            .yielded
+            .retain(|x, y| live(register, *x, y.round));
+        let changed = rec.claims != before;
+        for x in restart {
+            if !self.reachable.contains(&x) {
+                self.unreachable_since.insert(x, now);
+            }
         }
         changed
     }
 
-    /// Writes our votes into the universe entries we own that have not voted on those peers.
-    fn stamp_votes(&mut self) {
-        let votes: Vec<(PeerName, PeerName)> = self.state.records[&self.me]
-            .claims
-            .votes
-            .iter()
-            .map(|(x, c)| (*x, *c))
+    /// Adopts the live claims of every departed peer whose space we hold. Returns whether our
+    /// record changed.
+    fn inherit_claims(&mut self, register: &Register) -> bool {
+        let inherited: Vec<(PeerName, Claim)> = register
+            .recorded()
+            .filter(|p| register.departed(*p) && register.owner(*p) == self.me)
+            .filter_map(|p| self.state.records.get(&p))
+            .flat_map(|r| r.claims.claims.iter())
+            .filter(|(y, c)| **y != self.me && live(register, **y, c.round))
+            .map(|(&y, &c)| (y, c))
             .collect();
-        if votes.is_empty() {
-            return;
+        let rec = self.state.records.get_mut(&self.me).expect("own record");
+        let mut changed = false;
+        for (y, c) in inherited {
+            changed |= rec.claims.claim(y, c.forced, c.round);
         }
-        let Some(mut universe) = self.ring(self.config.universe) else {
-            return;
-        };
-        let mut stamped = false;
-        for (x, c) in votes {
-            if self.owns_space(x) {
-                stamped |= universe.stamp(self.me, x, c);
-            }
-        }
-        if stamped {
-            self.store_ring(universe);
-            self.changed = true;
-            self.dirty = true;
-        }
+        changed
     }
 
-    /// Takes `x` over if we may and enough of the universe voted for us. Returns whether our
-    /// record changed.
-    fn try_win(&mut self, now: Instant, x: PeerName) -> bool {
-        if self.vote_goes_to(x, self.me) != self.me || !self.owns_space(x) {
+    /// Takes `x` over (in `universe`) if we may and enough of the universe voted for us.
+    /// Returns whether it did.
+    fn try_win(&mut self, now: Instant, x: PeerName, universe: &mut Ring) -> bool {
+        let register = universe.register();
+        if self.vote_goes_to(register, x, self.me) != self.me
+            || !self.owners_with(universe).contains(&x)
+        {
             return false;
         }
-        // Votes are for good, but a claim wins only while its peer is still gone for us: a
-        // peer that came back keeps its space.
-        let forced = self.state.records[&self.me].claims.claims[&x];
+        // A claim wins only while its peer is still gone for us.
+        let forced = self.state.records[&self.me].claims.claims[&x].forced;
         if !self.unreachable_long_enough(now, x, forced) {
             return false;
         }
-        let Some(mut universe) = self.ring(self.config.universe) else {
-            return false;
-        };
-        if !self.tally(&universe, x, self.me).wins() {
+        if !self.tally(universe, x, self.me).wins() {
             return false;
         }
-        if let Err(e) = universe.depart(x, self.me) {
-            self.set_conflict(format!("take over {x}: {e}"));
-            return false;
-        }
-        self.store_ring(universe);
-        self.changed = true;
-        self.dirty = true;
+        universe.take(x, self.me);
         self.events.push_back(IpamEvent::Reclaimed { peer: x });
-        // Claims `x` made and had not won pass to us, with the votes they got.
-        self.inherit_claims()
+        true
     }
 
     pub(super) fn claims_status(&self) -> Vec<String> {
@@ -381,19 +456,16 @@ impl Ipam {
         let Some(universe) = self.ring(self.config.universe) else {
             return out;
         };
-        let departed = self.departed();
-        let mut claimed: BTreeSet<PeerName> = BTreeSet::new();
+        let register = universe.register();
         for (c, r) in &self.state.records {
-            for (x, forced) in &r.claims.claims {
-                claimed.insert(*x);
-                let state = if departed.get(x) == Some(c) {
-                    "taken over".to_string()
-                } else if departed.contains_key(c) {
-                    format!("passed to {}, which took {c} over", universe.owner(*c))
-                } else if let Some(to) = departed.get(x) {
-                    format!("taken over by {to}")
-                } else if let Some(to) = r.claims.yielded.get(x) {
-                    format!("yielded to {to}")
+            for (x, claim) in &r.claims.claims {
+                if !live(register, *x, claim.round) {
+                    continue;
+                }
+                let state = if register.departed(*c) {
+                    format!("passed to {}, which holds {c}'s space", register.owner(*c))
+                } else if let Some(y) = r.claims.yielded.get(x).filter(|y| y.round == claim.round) {
+                    format!("yielded to {}", y.to)
                 } else {
                     let t = self.tally(&universe, *x, *c);
                     format!(
@@ -403,13 +475,31 @@ impl Ipam {
                         if t.wins() { " (reached)" } else { "" }
                     )
                 };
-                let how = if *forced { "rmpeer" } else { "unreachable" };
+                let how = if claim.forced {
+                    "rmpeer"
+                } else {
+                    "unreachable"
+                };
                 out.push(format!("{c} claims {x} ({how}): {state}"));
             }
         }
-        for (x, to) in departed {
-            if !claimed.contains(x) {
-                out.push(format!("{x} left (meshctl reset): its space went to {to}"));
+        for (x, t) in register.taken() {
+            out.push(format!(
+                "{x} was reclaimed by {t}: its space is {}'s",
+                register.owner(*x)
+            ));
+        }
+        for x in register.handed().keys() {
+            if register.departed(*x) {
+                out.push(format!(
+                    "{x} left (meshctl reset): its space is {}'s",
+                    register.owner(*x)
+                ));
+            } else {
+                out.push(format!(
+                    "{x} left (meshctl reset) with routers that named each other heirs: \
+                     their space waits to be reclaimed like a vanished router's"
+                ));
             }
         }
         out

@@ -4,9 +4,9 @@
 //! (`net:CIDR`) is divided by a [`Ring`] of ranges owned by peers. A peer allocates only from
 //! ranges it owns ([`Allocator`]), so allocation needs no coordination. Ownership changes only by
 //! the owner (a donation to a peer that ran out, a hand-over before `meshctl reset`) or by a
-//! quorum-agreed reclaim of a peer that vanished (`claims.rs`). A hand-over or a reclaim names the
-//! departed peer's successor in the rings' register of departures, which every ring of ours
-//! holds in the same state ([`Ipam::store_ring`]).
+//! quorum-agreed reclaim of a peer that vanished (`claims.rs`). A hand-over or a reclaim is
+//! recorded in the rings' [`Register`], which every ring of ours holds in the same state
+//! ([`Ipam::store_ring`]).
 //!
 //! Everything peers need from each other travels as one gossiped [`IpamUpdate`] that merges like
 //! a CRDT: the bootstrap votes ([`Consensus`]), the agreed genesis member list, the rings, and
@@ -28,6 +28,7 @@
 mod allocator;
 pub mod claims;
 mod consensus;
+mod register;
 mod ring;
 mod space;
 
@@ -40,9 +41,10 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 pub use allocator::{Allocation, Allocator};
-pub use claims::Claims;
+pub use claims::{Claim, Claims, Yield};
 pub use consensus::{Ballot, Consensus, Node};
-pub use ring::{Entry, Ring, RingError};
+pub use register::Register;
+pub use ring::{Entry, Ring, RingError, Vote};
 pub use space::{ip, Cidr, CidrError, Range};
 
 use crate::peer::PeerName;
@@ -194,6 +196,16 @@ pub enum IpamEvent {
     Conflict {
         /// What and what to do.
         reason: String,
+    },
+    /// Two copies name different routers as holding a departed peer's space (two claimers
+    /// won it: a broken invariant). The merge keeps one, the same everywhere.
+    TakenTwice {
+        /// The departed peer.
+        peer: PeerName,
+        /// Who holds it in our copy.
+        ours: PeerName,
+        /// Who holds it in the other copy.
+        theirs: PeerName,
     },
 }
 
@@ -474,16 +486,17 @@ impl Ipam {
             return Some(r.clone());
         }
         let mut ring = Ring::genesis(subnet, genesis);
-        ring.adopt_departed(self.departed())
-            .expect("invariant: a genesis ring has no departures to conflict with");
+        ring.adopt_register(self.register());
         Some(ring)
     }
 
-    /// Departed peers (reset or reclaimed) and their successors: the register every stored
-    /// ring holds alike.
-    pub fn departed(&self) -> &BTreeMap<PeerName, PeerName> {
-        static NONE: BTreeMap<PeerName, PeerName> = BTreeMap::new();
-        self.state.rings.first().map_or(&NONE, |r| r.departed())
+    /// Departures and claim rounds: the register every stored ring holds alike.
+    pub fn register(&self) -> &Register {
+        static NONE: std::sync::OnceLock<Register> = std::sync::OnceLock::new();
+        self.state
+            .rings
+            .first()
+            .map_or_else(|| NONE.get_or_init(Register::default), |r| r.register())
     }
 
     /// All rings we hold.
@@ -635,6 +648,13 @@ impl Ipam {
                 continue;
             }
             let mut ours = self.ring(subnet).expect("invariant: genesis checked above");
+            for (peer, a, b) in ours.register().disputes(theirs.register()) {
+                self.events.push_back(IpamEvent::TakenTwice {
+                    peer,
+                    ours: a,
+                    theirs: b,
+                });
+            }
             match ours.merge(theirs) {
                 Ok(changed) => {
                     let known = self.state.rings.iter().any(|r| r.subnet() == subnet);
@@ -709,7 +729,7 @@ impl Ipam {
         let universe = self.ring(self.config.universe);
         self.reachable
             .iter()
-            .filter(|p| **p != self.me && !self.departed().contains_key(p))
+            .filter(|p| **p != self.me && !self.register().departed(**p))
             .min_by_key(|p| {
                 let owned: u64 = universe
                     .as_ref()
@@ -752,13 +772,7 @@ impl Ipam {
             return 0;
         }
         let mut universe = universe;
-        match universe.depart(self.me, to) {
-            Ok(_) => {}
-            Err(e) => {
-                self.set_conflict(format!("hand over to {to}: {e}"));
-                return 0;
-            }
-        }
+        universe.hand(self.me, to);
         self.left = true;
         self.store_ring(universe);
         self.changed = true;
@@ -777,16 +791,20 @@ impl Ipam {
                 "{peer} is reachable; stop its router (or run `meshctl reset` there) first"
             ));
         }
-        if let Some(&to) = self.departed().get(&peer) {
-            return Err(format!("{peer} has left already: its space went to {to}"));
+        if self.register().departed(peer) {
+            return Err(format!(
+                "{peer} has left already: its space went to {}",
+                self.register().owner(peer)
+            ));
         }
         if !self.owns_space(peer) {
             return Err(format!(
                 "{peer} owns no address space in this router's view; nothing to reclaim"
             ));
         }
+        let round = self.register().round(peer);
         let record = self.state.records.entry(self.me).or_default();
-        if record.claims.claim(peer, true) {
+        if record.claims.claim(peer, true, round) {
             record.version += 1;
             self.changed = true;
             self.dirty = true;
@@ -826,8 +844,8 @@ impl Ipam {
         self.events.push_back(IpamEvent::Genesis { members });
     }
 
-    /// Stores `ring` and gives every stored ring the same register of departures (the union:
-    /// a departure learned with one ring holds for all).
+    /// Stores `ring` and gives every stored ring the same register (the merge of all: a
+    /// departure or round learned with one ring holds for all).
     fn store_ring(&mut self, ring: Ring) {
         match self
             .state
@@ -839,20 +857,12 @@ impl Ipam {
             None => self.state.rings.push(ring),
         }
         self.state.rings.sort_by_key(|r| r.subnet());
-        let mut all = BTreeMap::new();
+        let mut all = Register::default();
         for r in &self.state.rings {
-            all.extend(r.departed().iter().map(|(a, b)| (*a, *b)));
+            all.merge(r.register());
         }
-        let mut failed = None;
         for r in &mut self.state.rings {
-            if let Err(e) = r.adopt_departed(&all) {
-                failed = Some(e);
-            }
-        }
-        if let Some(e) = failed {
-            self.set_conflict(format!(
-                "{e}; the peers disagree on who holds a departed peer's space; run `meshctl reset` on one side"
-            ));
+            r.adopt_register(&all);
         }
     }
 
@@ -951,7 +961,8 @@ impl Ipam {
 
     /// Drops allocations in space we no longer own; clears requests once we have space.
     fn check_owned(&mut self) {
-        if let (Some(&to), false) = (self.departed().get(&self.me), self.left) {
+        if self.register().departed(self.me) && !self.left {
+            let to = self.register().owner(self.me);
             let reason = format!(
                 "this router's address space was taken over by {to} while this router was \
                  unreachable (for longer than --ipalloc-reclaim-after, or `meshctl rmpeer` ran \

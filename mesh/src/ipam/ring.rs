@@ -11,32 +11,42 @@
 //! same address.
 //!
 //! A peer that leaves (`meshctl reset`) or is reclaimed (`claims.rs`) is not written out of the
-//! entries. Instead the ring's register of departures ([`Ring::depart`]) names its successor,
-//! and every entry of a departed peer belongs to the end of its chain of successors. So the
-//! departed peer's last writes still merge by version as usual, even if a copy sees them after
-//! the departure, and its share of a subnet that nobody has divided yet passes to its successor
-//! too. The register only grows, and every ring of a peer holds the same one (the IPAM state
-//! copies it across, see `Ipam::store_ring`).
+//! entries. Instead the ring's [`Register`] records the departure, and every entry of a departed
+//! peer belongs to whoever holds its space ([`Register::owner`]). So the departed peer's last
+//! writes still merge by version as usual, even if a copy sees them after the departure, and
+//! its share of a subnet that nobody has divided yet passes on too. Every ring of a peer holds
+//! the same register (the IPAM state copies it across, see `Ipam::store_ring`).
 //!
-//! Reclaim votes live in the entries of the universe ring: the votes of an entry's addresses on
-//! each vanished peer. They are set once, by the owner, and kept by every later version of the
-//! entry and by both parts of a split, so an address votes at most once on each peer, whoever
-//! owns it later. Once that peer has a successor, its votes are dropped (nobody votes on a
-//! departed peer again, and the register travels in the same ring as the votes).
+//! Reclaim votes live in the entries of the universe ring: how an entry's addresses voted on each
+//! vanished peer, in the current claim round on it. A vote is set once, by the owner, and kept by
+//! every later version of the entry and by both parts of a split, so an address votes at most
+//! once per round on each peer, whoever owns it later. A vote is dropped once its round is over
+//! or its peer was reclaimed; the register that says so travels in the same ring, so no copy that
+//! dropped a vote can cast it again.
 //!
 //! Not here: which addresses are in use (`allocator.rs`), agreement on the first ring
 //! (`consensus.rs`), counting votes (`claims.rs`). Invariants: `merge` is commutative,
 //! associative and idempotent for rings that descend from the same genesis (property tests
-//! below); tokens lie inside the subnet and the first token is the subnet's first address; the
-//! register has no cycles. Weave equivalent: `ipam/ring/ring.go` (which had no register: its
-//! `rmpeer` rewrote the entries, without a vote).
+//! below); tokens lie inside the subnet and the first token is the subnet's first address.
+//! Weave equivalent: `ipam/ring/ring.go` (which had no register: its `rmpeer` rewrote the
+//! entries, without a vote).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::register::Register;
 use super::space::{Cidr, Range};
 use crate::peer::PeerName;
+
+/// How an entry's addresses voted on one vanished peer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Vote {
+    /// The claimer they voted for.
+    pub claimer: PeerName,
+    /// The claim round on the vanished peer the vote belongs to.
+    pub round: u64,
+}
 
 /// Who owns the addresses from one token to the next, how often that changed, and how these
 /// addresses voted.
@@ -46,8 +56,8 @@ pub struct Entry {
     pub owner: PeerName,
     /// Grows with every change; the higher version wins a merge.
     pub version: u64,
-    /// Per vanished peer, the claimer these addresses voted for; set once (`claims.rs`).
-    pub votes: BTreeMap<PeerName, PeerName>,
+    /// Per vanished peer, how these addresses voted in its current round; set once.
+    pub votes: BTreeMap<PeerName, Vote>,
 }
 
 /// The ownership of one subnet.
@@ -55,8 +65,8 @@ pub struct Entry {
 pub struct Ring {
     subnet: Cidr,
     entries: BTreeMap<u64, Entry>,
-    /// Departed peers and who took their space over.
-    departed: BTreeMap<PeerName, PeerName>,
+    /// Departures and claim rounds.
+    register: Register,
 }
 
 /// Why a ring operation was refused.
@@ -78,17 +88,6 @@ pub enum RingError {
         theirs: PeerName,
         /// The version both claim.
         version: u64,
-    },
-    /// Two copies name different successors for one departed peer (it reset while it was
-    /// being reclaimed), or a departure would make a cycle.
-    #[error("{peer} left its address space to {ours} in one copy and to {theirs} in another")]
-    Successor {
-        /// The departed peer.
-        peer: PeerName,
-        /// Our successor for it.
-        ours: PeerName,
-        /// The other one.
-        theirs: PeerName,
     },
     /// The copies are of different subnets.
     #[error("cannot merge the ring of {theirs} into the ring of {ours}")]
@@ -133,7 +132,7 @@ impl Ring {
         Ring {
             subnet,
             entries,
-            departed: BTreeMap::new(),
+            register: Register::default(),
         }
     }
 
@@ -142,23 +141,14 @@ impl Ring {
         self.subnet
     }
 
-    /// Who holds what `peer` owned: `peer` itself, or the end of its chain of successors.
+    /// Who holds what `peer` owned: `peer` itself, or whoever holds a departed peer's space.
     pub fn owner(&self, peer: PeerName) -> PeerName {
-        let mut p = peer;
-        // The register has no cycles (`depart` and `merge` refuse them); the bound is for a
-        // corrupt store.
-        for _ in 0..=self.departed.len() {
-            match self.departed.get(&p) {
-                Some(&next) => p = next,
-                None => break,
-            }
-        }
-        p
+        self.register.owner(peer)
     }
 
-    /// Departed peers and their direct successors.
-    pub fn departed(&self) -> &BTreeMap<PeerName, PeerName> {
-        &self.departed
+    /// Departures and claim rounds.
+    pub fn register(&self) -> &Register {
+        &self.register
     }
 
     /// Every entry with its range and its owner (after departures), in address order.
@@ -243,38 +233,39 @@ impl Ring {
         Ok(())
     }
 
-    /// Records that `from` left and `to` holds its space from now on: `from` itself on reset,
-    /// or a claimer that a quorum agreed on. Returns whether it is new.
-    pub fn depart(&mut self, from: PeerName, to: PeerName) -> Result<bool, RingError> {
-        match self.departed.get(&from) {
-            Some(&ours) if ours == to => return Ok(false),
-            Some(&ours) => {
-                return Err(RingError::Successor {
-                    peer: from,
-                    ours,
-                    theirs: to,
-                })
-            }
-            None => {}
-        }
-        if self.owner(to) == from {
-            return Err(RingError::Successor {
-                peer: to,
-                ours: self.owner(to),
-                theirs: from,
-            });
-        }
-        self.departed.insert(from, to);
-        self.forget_votes_on_departed();
-        Ok(true)
+    /// Records that `from` left with `meshctl reset` and named `to` its heir (called by
+    /// `from`). Returns whether it is new.
+    pub fn hand(&mut self, from: PeerName, to: PeerName) -> bool {
+        let new = self.register.hand(from, to);
+        self.forget_void_votes();
+        new
+    }
+
+    /// Records that `to` won the reclaim of `from` (called by `to`). Returns whether it is new.
+    pub fn take(&mut self, from: PeerName, to: PeerName) -> bool {
+        let new = self.register.take(from, to);
+        self.forget_void_votes();
+        new
+    }
+
+    /// Starts a new claim round on `me` (called by `me`, alive, when it sees a claim on itself):
+    /// every vote on it so far is void.
+    pub fn bump_round(&mut self, me: PeerName) -> u64 {
+        let r = self.register.bump_round(me);
+        self.forget_void_votes();
+        r
     }
 
     /// Records `me`'s vote for `claimer` on the vanished `gone` in every entry `me` owns whose
     /// addresses have not voted on `gone` yet. Returns whether anything changed.
     pub fn stamp(&mut self, me: PeerName, gone: PeerName, claimer: PeerName) -> bool {
-        if self.departed.contains_key(&gone) {
+        if self.register.departed(gone) {
             return false;
         }
+        let vote = Vote {
+            claimer,
+            round: self.register.round(gone),
+        };
         let tokens: Vec<u64> = self
             .entries
             .iter()
@@ -288,7 +279,7 @@ impl Ring {
                 .expect("invariant: token listed above");
             e.owner = me;
             e.version += 1;
-            e.votes.insert(gone, claimer);
+            e.votes.insert(gone, vote);
         }
         !tokens.is_empty()
     }
@@ -321,7 +312,7 @@ impl Ring {
                 });
             }
         }
-        let mut changed = self.adopt_departed(&other.departed)?;
+        let mut changed = self.register.merge(&other.register);
         let range = self.subnet.range();
         for (token, theirs) in &other.entries {
             if !range.contains(*token) {
@@ -330,76 +321,43 @@ impl Ring {
             match self.entries.get_mut(token) {
                 Some(ours) if ours.version > theirs.version => {}
                 Some(ours) if ours.version == theirs.version => {
-                    // Equal versions differ only in votes that one copy dropped because their
-                    // peer departed: take the union, and drop them again below.
-                    for (g, c) in &theirs.votes {
-                        if !self.departed.contains_key(g) && !ours.votes.contains_key(g) {
-                            ours.votes.insert(*g, *c);
+                    // Equal versions differ only in votes that one copy dropped as void: take
+                    // the union; void ones are dropped again below.
+                    for (g, v) in &theirs.votes {
+                        if !ours.votes.contains_key(g) {
+                            ours.votes.insert(*g, *v);
                             changed = true;
                         }
                     }
                 }
                 _ => {
-                    let mut e = theirs.clone();
-                    e.votes.retain(|g, _| !self.departed.contains_key(g));
-                    self.entries.insert(*token, e);
+                    self.entries.insert(*token, theirs.clone());
                     changed = true;
                 }
             }
         }
+        self.forget_void_votes();
         Ok(changed)
     }
 
-    /// Takes in departures we did not know (from another copy of this ring, or from another
-    /// ring of ours). Returns whether any was new; on a conflict nothing changes.
-    pub fn adopt_departed(
-        &mut self,
-        departed: &BTreeMap<PeerName, PeerName>,
-    ) -> Result<bool, RingError> {
-        let mut next = self.departed.clone();
-        for (&from, &to) in departed {
-            if let Some(&ours) = next.get(&from) {
-                if ours != to {
-                    return Err(RingError::Successor {
-                        peer: from,
-                        ours,
-                        theirs: to,
-                    });
-                }
-                continue;
-            }
-            next.insert(from, to);
+    /// Takes in departures and rounds from another ring of ours. Returns whether any was new.
+    pub fn adopt_register(&mut self, register: &Register) -> bool {
+        let changed = self.register.merge(register);
+        if changed {
+            self.forget_void_votes();
         }
-        if next.len() == self.departed.len() {
-            return Ok(false);
-        }
-        // No cycles: following successors from any peer must end.
-        for &start in next.keys() {
-            let mut p = start;
-            for _ in 0..=next.len() {
-                match next.get(&p) {
-                    Some(&n) => p = n,
-                    None => break,
-                }
-            }
-            if let Some(&n) = next.get(&p) {
-                return Err(RingError::Successor {
-                    peer: p,
-                    ours: n,
-                    theirs: start,
-                });
-            }
-        }
-        self.departed = next;
-        self.forget_votes_on_departed();
-        Ok(true)
+        changed
     }
 
-    /// Votes on departed peers are settled: drop them (no version change; every copy that
-    /// knows the departure drops them the same way).
-    fn forget_votes_on_departed(&mut self) {
+    /// Drops votes whose round is over or whose peer was reclaimed (no version change: every
+    /// copy that knows it drops them alike, and equal versions merge by union). Votes on a peer
+    /// that reset stay: should two resets name each other, the cycle's space is reclaimed, and
+    /// votes cast before count then as they would have.
+    fn forget_void_votes(&mut self) {
+        let register = &self.register;
         for e in self.entries.values_mut() {
-            e.votes.retain(|g, _| !self.departed.contains_key(g));
+            e.votes
+                .retain(|g, v| !register.taken().contains_key(g) && v.round >= register.round(*g));
         }
     }
 }
@@ -452,18 +410,14 @@ mod tests {
     }
 
     #[test]
-    fn a_departed_peers_space_belongs_to_the_end_of_its_chain_of_successors() {
+    fn a_departed_peers_space_belongs_to_whoever_holds_it_now() {
         let (a, b, c) = (PeerName(1), PeerName(2), PeerName(3));
         let mut ring = Ring::genesis(subnet(), &[a, b, c]);
-        assert_eq!(ring.depart(a, b), Ok(true));
-        assert_eq!(
-            ring.depart(a, b),
-            Ok(false),
-            "the same departure twice is no change"
-        );
+        assert!(ring.hand(a, b));
+        assert!(!ring.hand(a, b), "the same departure twice is no change");
         assert!(ring.owned(a).is_empty());
         assert_eq!(ring.owned(b).iter().map(|r| r.len()).sum::<u64>(), 170);
-        assert_eq!(ring.depart(b, c), Ok(true));
+        assert!(ring.take(b, c));
         assert_eq!(ring.owners(), [c].into());
         assert_eq!(ring.owner(a), c);
         // c may give away what it inherited; the donated part is written in c's name.
@@ -476,21 +430,12 @@ mod tests {
         assert_eq!(
             ring.owner_of(half.start),
             Some(c),
-            "a departed; its successor holds it"
+            "a departed; the space is c's"
         );
-        // A departure that would close a cycle, or name a second successor, is refused.
-        assert!(matches!(
-            ring.depart(c, a),
-            Err(RingError::Successor { .. })
-        ));
-        assert!(matches!(
-            ring.depart(a, c),
-            Err(RingError::Successor { .. })
-        ));
     }
 
     #[test]
-    fn an_address_votes_once_and_its_vote_goes_with_it_when_donated() {
+    fn an_address_votes_once_per_round_and_its_vote_goes_with_it_when_donated() {
         let (a, b, x, n) = (PeerName(1), PeerName(2), PeerName(3), PeerName(9));
         let mut ring = Ring::genesis(subnet(), &[a, b, x]);
         assert!(ring.stamp(a, x, a));
@@ -505,26 +450,30 @@ mod tests {
         assert!(!ring.stamp(n, x, b), "donated addresses voted again");
         let votes_for = |ring: &Ring, claimer: PeerName| -> u64 {
             ring.slots()
-                .filter(|(_, _, e)| e.votes.get(&x) == Some(&claimer))
+                .filter(|(_, _, e)| e.votes.get(&x).is_some_and(|v| v.claimer == claimer))
                 .map(|(r, _, _)| r.len())
                 .sum()
         };
         assert_eq!(votes_for(&ring, a), 85);
         assert_eq!(votes_for(&ring, b), 0);
-        // Once x has a successor the votes on it are settled and dropped.
-        ring.depart(x, a).unwrap();
+        // x comes back and sees the claim: a new round, and the votes of the old one are void.
+        assert_eq!(ring.bump_round(x), 1);
         assert!(ring.slots().all(|(_, _, e)| e.votes.is_empty()));
-        assert!(!ring.stamp(b, x, b), "nobody votes on a departed peer");
+        assert!(ring.stamp(n, x, b), "a new round, a new vote");
+        // Once x is reclaimed, the votes on it are settled and dropped.
+        ring.take(x, b);
+        assert!(ring.slots().all(|(_, _, e)| e.votes.is_empty()));
+        assert!(!ring.stamp(a, x, a), "nobody votes on a reclaimed peer");
     }
 
     #[test]
-    fn a_copy_that_knows_a_departure_merges_with_one_that_still_holds_its_votes() {
+    fn a_copy_that_knows_a_reclaim_merges_with_one_that_still_holds_its_votes() {
         let (a, b, x) = (PeerName(1), PeerName(2), PeerName(3));
         let mut voted = Ring::genesis(subnet(), &[a, b, x]);
         voted.stamp(a, x, a);
         voted.stamp(b, x, a);
         let mut settled = voted.clone();
-        settled.depart(x, a).unwrap();
+        settled.take(x, a);
         let mut m1 = voted.clone();
         m1.merge(&settled).unwrap();
         let mut m2 = settled.clone();
@@ -543,20 +492,24 @@ mod tests {
     }
 
     #[test]
-    fn two_successors_for_one_peer_conflict_instead_of_merging() {
+    fn two_takers_of_one_peer_merge_alike_in_every_order() {
         let (a, b, x) = (PeerName(1), PeerName(2), PeerName(3));
         let mut one = Ring::genesis(subnet(), &[a, b, x]);
         let mut two = one.clone();
-        one.depart(x, a).unwrap();
-        two.depart(x, b).unwrap();
-        let before = one.clone();
-        assert!(matches!(one.merge(&two), Err(RingError::Successor { .. })));
-        assert_eq!(one, before);
+        one.take(x, a);
+        two.take(x, b);
+        let mut m1 = one.clone();
+        m1.merge(&two).unwrap();
+        let mut m2 = two.clone();
+        m2.merge(&one).unwrap();
+        assert_eq!(m1, m2);
+        assert_eq!(m1.owner(x), a, "the smaller taker");
     }
 
     /// Builds copies the way peers do: each op is done by a peer on its own copy, after merging
     /// whatever copy it has heard of: give part of its first range away, vote on a peer (the
-    /// same claimer every time, as a peer votes once), or leave for good, naming a successor.
+    /// same claimer every time, as a peer votes once per round), start a new claim round on
+    /// itself, or leave for good, naming an heir.
     /// A peer that left does nothing more, but its last copy can still be heard. Returns every
     /// intermediate copy.
     fn history(ops: &[(u8, u8, u8, u8)]) -> Vec<Ring> {
@@ -574,8 +527,11 @@ mod tests {
             let me = peers[actor];
             match cut % 8 {
                 0 if to != actor && !left[to] => {
-                    copies[actor].depart(me, peers[to]).unwrap();
+                    copies[actor].hand(me, peers[to]);
                     left[actor] = true;
+                }
+                3 => {
+                    copies[actor].bump_round(me);
                 }
                 1 | 2 => {
                     let claimer = peers[(actor + to) % 5];
@@ -636,11 +592,11 @@ mod tests {
             }
             for r in &seen {
                 for (range, _, e) in r.slots() {
-                    for (gone, claimer) in &e.votes {
+                    for (gone, vote) in &e.votes {
                         for addr in [range.start, range.end - 1] {
                             let (_, _, later) = all.slots().find(|(x, _, _)| x.contains(addr)).unwrap();
-                            let settled = all.departed().contains_key(gone);
-                            prop_assert!(settled || later.votes.get(gone) == Some(claimer));
+                            let void = vote.round < all.register().round(*gone);
+                            prop_assert!(void || later.votes.get(gone) == Some(vote));
                         }
                     }
                 }
