@@ -21,8 +21,14 @@ struct Mesh {
 impl Mesh {
     /// Five routers that split the universe among themselves and know each other's state.
     fn new() -> Mesh {
+        Mesh::named(&[1, 2, 3, 4, 5])
+    }
+
+    /// Routers with these names, splitting the universe among themselves.
+    fn named(names: &[u64]) -> Mesh {
         let now = Instant::now();
-        let names: Vec<PeerName> = (1..=5).map(PeerName).collect();
+        let names: Vec<PeerName> = names.iter().copied().map(PeerName).collect();
+        let n = names.len();
         let config = IpamConfig {
             init: Init::Seed(names.clone()),
             reclaim_after: Some(RECLAIM_AFTER),
@@ -35,10 +41,10 @@ impl Mesh {
         let mut mesh = Mesh {
             now,
             ipams,
-            alive: (0..5).collect(),
+            alive: (0..n).collect(),
             sides: Vec::new(),
         };
-        for i in 0..5 {
+        for i in 0..n {
             mesh.ipams[i]
                 .allocate(now, &format!("c{i}"), None)
                 .expect("a seed owns space at once");
@@ -465,9 +471,9 @@ fn a_yield_that_leads_back_through_a_reset_still_ends_in_a_reclaim() {
     assert!(mesh.owned_twice().is_empty());
 }
 
-/// Goal: a claimer that won but was cut off before its win was heard, and was then reclaimed in
-/// turn, leaves no disagreement: its taker wins the same peer through the inherited claim, and
-/// every copy gives that peer's space to the taker.
+/// Goal: a claimer that won but was cut off before its win was heard (so it never settled), and
+/// was then reclaimed in turn, leaves no disagreement: its taker wins the same peer through the
+/// inherited claim and settles, and every copy gives that peer's space to the taker.
 #[test]
 fn a_winner_cut_off_before_its_win_was_heard_and_its_taker_agree_on_the_owner() {
     let mut mesh = Mesh::new();
@@ -485,7 +491,13 @@ fn a_winner_cut_off_before_its_win_was_heard_and_its_taker_agree_on_the_owner() 
         let s = mesh.ipams[i].full_state();
         mesh.ipams[0].merge(mesh.now, s);
     }
-    assert_eq!(mesh.ipams[0].register().owner(PeerName(5)), PeerName(1));
+    let won = mesh.ipams[0].register().pending(PeerName(5));
+    assert_eq!(won.map(|t| t.by), Some(PeerName(1)), "1 won 5");
+    assert_eq!(
+        mesh.ipams[0].register().owner(PeerName(5)),
+        PeerName(5),
+        "nobody saw the win: it must not move 5's space yet"
+    );
     let cut_off = mesh.ipams[0].full_state();
     mesh.advance(RECLAIM_AFTER + Duration::from_secs(1));
     mesh.advance(Duration::from_secs(1));
@@ -523,5 +535,74 @@ fn a_router_taken_over_while_away_does_not_block_reclaims() {
         !mesh.owners(2).contains(&PeerName(6)),
         "6's space is never claimed: {:#?}",
         mesh.ipams[2].status().claims
+    );
+}
+
+/// Goal: a router cut off at the moment it wins a reclaim must not count the won space as its own
+/// (to vote with) while the routers that never heard of the win count it for its old owner: the
+/// same addresses would vote on two sides, and the two sides would take each other.
+/// Method: a split {1, 3, 4} | {2, 5} outlasts `reclaim_after`; 1 claims 2 and 5, 3 and 4 vote,
+/// 1 wins, and its link fails before anyone hears the win. Then {2, 3, 4, 5} meet while 1 stays
+/// alone for another `reclaim_after`, and everything heals.
+#[test]
+fn a_router_cut_off_as_it_wins_and_the_rest_of_the_mesh_do_not_take_each_other() {
+    let mut mesh = Mesh::new();
+    mesh.split(&[&[0, 2, 3], &[1, 4]]);
+    mesh.now += RECLAIM_AFTER + Duration::from_secs(1);
+    mesh.ipams[0].handle_timeout(mesh.now);
+    let claim = mesh.ipams[0].full_state();
+    for i in [2, 3] {
+        mesh.ipams[i].merge(mesh.now, claim.clone());
+    }
+    for i in [2, 3] {
+        let s = mesh.ipams[i].full_state();
+        mesh.ipams[0].merge(mesh.now, s);
+    }
+    let won = mesh.ipams[0].register().pending(PeerName(2));
+    assert_eq!(won.map(|t| t.by), Some(PeerName(1)), "1 won 2");
+    mesh.split(&[&[0], &[1, 2, 3, 4]]);
+    mesh.advance(RECLAIM_AFTER + Duration::from_secs(1));
+    mesh.advance(Duration::from_secs(1));
+    mesh.heal();
+    mesh.advance(Duration::from_secs(1));
+    for i in [1, 2, 3, 4] {
+        assert_eq!(
+            mesh.ipams[i].status().conflict,
+            None,
+            "router {} was taken over",
+            i + 1
+        );
+    }
+    let owners = mesh.owners(2);
+    assert_eq!(
+        owners,
+        (2..=5).map(PeerName).collect(),
+        "1, cut off for longer than reclaim_after, is the one taken over: {:#?}",
+        mesh.ipams[2].status().claims
+    );
+    assert!(mesh.owned_twice().is_empty());
+}
+
+/// Goal: a router that owns no space doesn't claim: it could vanish with its claim open and,
+/// owning nothing, never be reclaimed itself, so its claim (and the yields to it) would strand
+/// the vanished router's space for good.
+/// Method: observer 1 (the smallest name) joins; 5 vanishes; during a split {1, 2, 3} | {4, 5},
+/// longer than `reclaim_after`, 1 vanishes too; everything heals.
+#[test]
+fn a_router_without_space_does_not_claim_so_its_vanishing_strands_nothing() {
+    let mut mesh = Mesh::named(&[2, 3, 4, 5, 6]);
+    let observer = mesh.join(PeerName(1), None, 0);
+    mesh.vanish(4);
+    mesh.split(&[&[observer, 0, 1], &[2, 3]]);
+    mesh.advance(RECLAIM_AFTER + Duration::from_secs(1));
+    mesh.advance(Duration::from_secs(1));
+    mesh.vanish(observer);
+    mesh.heal();
+    mesh.advance(RECLAIM_AFTER);
+    mesh.advance(RECLAIM_AFTER);
+    assert!(
+        !mesh.owners(0).contains(&PeerName(6)),
+        "6's space is stranded: {:#?}",
+        mesh.ipams[0].status().claims
     );
 }

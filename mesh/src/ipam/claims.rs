@@ -9,9 +9,11 @@
 //! later carries it along, so no address votes twice on one peer, whoever owns it.
 //!
 //! A claimer wins when the addresses that voted for it cover more than half of the universe, or
-//! exactly half that includes the universe's first address ([`wins`]). It then names itself the
-//! vanished peer's successor in the register of departures, and with that holds every range the
-//! peer owned, in every subnet. Two claimers can't both win: their voters are disjoint sets of
+//! exactly half that includes the universe's first address ([`wins`]). It records the win in the
+//! register, pending; every router that sees it acknowledges it in its record, and once the
+//! acknowledging routers own more than half of the universe (the same rule) the winner settles
+//! it, and with that holds every range the peer owned, in every subnet. Until then it neither
+//! allocates from that space nor votes with it (see `register.rs` for why). Two claimers can't both win: their voters are disjoint sets of
 //! addresses, and two disjoint sets can't both hold more than half (nor both the first address).
 //! The threshold counts the whole universe, the vanished peer's share too, because a claimer's
 //! view of that share may be stale (the peer may have given space away just before it
@@ -43,7 +45,8 @@
 //! reclaim makes: a reclaimed peer does not come back with its old state (one that does is told
 //! so and gives out no address, see `Ipam::check_owned`).
 //!
-//! Only peers that have not departed claim: a router told it was taken over (it was cut off for
+//! Only peers that own space claim (one that owns none could vanish with its claim open and never
+//! be reclaimed itself, so its claim would never pass on), and only peers that have not departed: a router told it was taken over (it was cut off for
 //! too long) keeps running until its operator resets it, and must not block claims meanwhile.
 //! A `meshctl rmpeer` vote needs its peer unreachable for [`FORCED_SETTLE`] at the voter, so a
 //! router that just restarted, and reaches nobody yet, doesn't vote on everyone at once.
@@ -58,7 +61,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Ipam, IpamEvent, Register, Ring, Vote};
+use super::{Ipam, IpamEvent, Register, Ring, Take, Vote};
 use crate::peer::PeerName;
 
 /// How long a peer must be unreachable at a voter before it votes on a `meshctl rmpeer` claim.
@@ -82,6 +85,15 @@ pub struct Yield {
     pub round: u64,
 }
 
+/// A router's acknowledgement that it saw a pending reclaim.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Ack {
+    /// The winner.
+    pub by: PeerName,
+    /// The round it won in.
+    pub round: u64,
+}
+
 /// One peer's claims and votes; part of its gossiped record. Entries of past rounds, or on peers
 /// that departed, are void; their writer drops them.
 #[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
@@ -94,6 +106,8 @@ pub struct Claims {
     /// Per vanished peer, the smaller claimer this peer yielded its claim to. Never changes
     /// within a round; a peer never takes over one it yielded.
     pub yielded: BTreeMap<PeerName, Yield>,
+    /// Per vanished peer, the pending reclaim of it this peer has seen.
+    pub seen: BTreeMap<PeerName, Ack>,
 }
 
 impl Claims {
@@ -202,6 +216,36 @@ impl Ipam {
         tally
     }
 
+    /// The universe's acknowledgements of the pending reclaim `take` of `gone`: the addresses
+    /// of routers that saw it, and of the router that holds the winner's space.
+    fn acks(&self, universe: &Ring, gone: PeerName, take: Take) -> Tally {
+        let register = universe.register();
+        let winner = register.owner(take.by);
+        let whole = universe.subnet().range();
+        let ack = Ack {
+            by: take.by,
+            round: take.round,
+        };
+        let mut tally = Tally {
+            voted: 0,
+            first: false,
+            total: whole.len(),
+        };
+        for (range, owner) in universe.entries() {
+            let saw = owner == winner
+                || self
+                    .state
+                    .records
+                    .get(&owner)
+                    .is_some_and(|r| r.claims.seen.get(&gone) == Some(&ack));
+            if saw && owner != gone {
+                tally.voted += range.len();
+                tally.first |= range.start == whole.start;
+            }
+        }
+        tally
+    }
+
     /// Every peer that owns space in `universe` or another stored ring (departed peers own
     /// nothing; whoever holds their space does).
     fn owners_with(&self, universe: &Ring) -> BTreeSet<PeerName> {
@@ -260,10 +304,10 @@ impl Ipam {
             ring_changed = true;
         }
         let mut changed = self.prune_own_claims(now, universe.register());
-        let owners = {
+        let (owners, we_own) = {
             let mut o = self.owners_with(&universe);
-            o.remove(&self.me);
-            o
+            let we_own = o.remove(&self.me);
+            (o, we_own)
         };
         // An owner we never saw reachable (we restarted, or joined, after it vanished) is
         // unreachable from the first time we look; else its space would wait for peers that
@@ -280,10 +324,10 @@ impl Ipam {
             .reachable
             .iter()
             .copied()
-            .filter(|p| !register.departed(*p))
+            .filter(|p| !register.departed(*p) && owners.contains(p))
             .chain([self.me])
             .min();
-        if smallest == Some(self.me) {
+        if smallest == Some(self.me) && we_own {
             for &x in &owners {
                 if self.unreachable_long_enough(now, x, false) {
                     let rec = self.state.records.entry(self.me).or_default();
@@ -293,8 +337,22 @@ impl Ipam {
         }
         // Inherit: the claims of peers whose space came to us, with the votes they gathered.
         changed |= self.inherit_claims(&register);
+        // Acknowledge the pending reclaims we see.
+        for x in register.taken().keys() {
+            if let Some(t) = register.pending(*x) {
+                let ack = Ack {
+                    by: t.by,
+                    round: t.round,
+                };
+                let rec = self.state.records.get_mut(&self.me).expect("own record");
+                if rec.claims.seen.get(x) != Some(&ack) {
+                    rec.claims.seen.insert(*x, ack);
+                    changed = true;
+                }
+            }
+        }
         // Vote: once per vanished peer and round, for the smallest claimer we see.
-        let claimers = self.claimers(&register);
+        let claimers = self.claimers(&register, &owners);
         for (&x, &(claimer, forced)) in &claimers {
             let voted = self.state.records[&self.me]
                 .claims
@@ -344,8 +402,21 @@ impl Ipam {
         // Win: once addresses covering more than half of the universe voted for us (directly
         // or through claimers that yielded to us or whose space we hold).
         for x in mine {
-            if self.try_win(now, x, &mut universe) {
+            ring_changed |= self.try_win(now, x, &mut universe);
+        }
+        // Settle our pending wins (and those of departed winners whose space we hold) that
+        // routers owning more than half of the universe have seen.
+        let pending: Vec<(PeerName, Take)> = universe
+            .register()
+            .taken()
+            .keys()
+            .filter_map(|x| universe.register().pending(*x).map(|t| (*x, t)))
+            .filter(|(_, t)| universe.register().owner(t.by) == self.me)
+            .collect();
+        for (x, t) in pending {
+            if self.acks(&universe, x, t).wins() && universe.settle(x, t.by) {
                 ring_changed = true;
+                self.events.push_back(IpamEvent::Reclaimed { peer: x });
                 changed |= self.inherit_claims(&universe.register().clone());
             }
         }
@@ -362,12 +433,16 @@ impl Ipam {
         }
     }
 
-    /// Per vanished peer, the smallest claimer (that has not departed) of its current round,
-    /// and whether that claim is forced.
-    fn claimers(&self, register: &Register) -> BTreeMap<PeerName, (PeerName, bool)> {
+    /// Per vanished peer, the smallest claimer (that owns space and has not departed) of its
+    /// current round, and whether that claim is forced.
+    fn claimers(
+        &self,
+        register: &Register,
+        owners: &BTreeSet<PeerName>,
+    ) -> BTreeMap<PeerName, (PeerName, bool)> {
         let mut claimers: BTreeMap<PeerName, (PeerName, bool)> = BTreeMap::new();
         for (c, r) in &self.state.records {
-            if register.departed(*c) {
+            if register.departed(*c) || (*c != self.me && !owners.contains(c)) {
                 continue;
             }
             for (&x, claim) in &r.claims.claims {
@@ -401,6 +476,11 @@ impl Ipam {
         rec.claims
             .yielded
             .retain(|x, y| live(register, *x, y.round));
+        rec.claims.seen.retain(|x, a| {
+            register
+                .pending(*x)
+                .is_some_and(|t| t.by == a.by && t.round == a.round)
+        });
         let changed = rec.claims != before;
         for x in restart {
             if !self.reachable.contains(&x) {
@@ -429,11 +509,12 @@ impl Ipam {
         changed
     }
 
-    /// Takes `x` over (in `universe`) if we may and enough of the universe voted for us.
+    /// Wins `x` (pending, in `universe`) if we may and enough of the universe voted for us.
     /// Returns whether it did.
     fn try_win(&mut self, now: Instant, x: PeerName, universe: &mut Ring) -> bool {
         let register = universe.register();
-        if self.vote_goes_to(register, x, self.me) != self.me
+        if register.pending(x).is_some()
+            || self.vote_goes_to(register, x, self.me) != self.me
             || !self.owners_with(universe).contains(&x)
         {
             return false;
@@ -446,9 +527,8 @@ impl Ipam {
         if !self.tally(universe, x, self.me).wins() {
             return false;
         }
-        universe.take(x, self.me);
-        self.events.push_back(IpamEvent::Reclaimed { peer: x });
-        true
+        let round = universe.register().round(x);
+        universe.take(x, self.me, round)
     }
 
     pub(super) fn claims_status(&self) -> Vec<String> {
@@ -484,10 +564,22 @@ impl Ipam {
             }
         }
         for (x, t) in register.taken() {
-            out.push(format!(
-                "{x} was reclaimed by {t}: its space is {}'s",
-                register.owner(*x)
-            ));
+            if t.settled {
+                out.push(format!(
+                    "{x} was reclaimed by {}: its space is {}'s",
+                    t.by,
+                    register.owner(*x)
+                ));
+            } else if register.pending(*x).is_some() {
+                let a = self.acks(&universe, *x, *t);
+                out.push(format!(
+                    "{x} was won by {}, waiting until routers owning more than half of {} have \
+                     seen it: {:.1}%",
+                    t.by,
+                    universe.subnet(),
+                    a.percent()
+                ));
+            }
         }
         for x in register.handed().keys() {
             if register.departed(*x) {

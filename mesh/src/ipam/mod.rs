@@ -41,9 +41,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 pub use allocator::{Allocation, Allocator};
-pub use claims::{Claim, Claims, Yield};
+pub use claims::{Ack, Claim, Claims, Yield};
 pub use consensus::{Ballot, Consensus, Node};
-pub use register::Register;
+pub use register::{Register, Take};
 pub use ring::{Entry, Ring, RingError, Vote};
 pub use space::{ip, Cidr, CidrError, Range};
 

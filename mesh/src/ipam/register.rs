@@ -7,11 +7,19 @@
 //! holds a departed peer's space. A reclaim outranks a hand-over: a peer that reset on one side
 //! of a split while the other side reclaimed it ends with the reclaimer.
 //!
+//! A won reclaim is pending until routers owning more than half of the universe have seen it;
+//! then its winner settles it, and only then does the space move. Without this step a winner cut
+//! off at the moment it won would count the space as its own (to vote with) while the routers
+//! that never heard of the win still count it as the vanished peer's: the same addresses on two
+//! sides. Once settled, any later majority includes addresses whose owner knew of it. A pending
+//! reclaim whose peer speaks up first (starts a new round, below) is void.
+//!
 //! Merges are deterministic for every input, so copies always converge and no disagreement
 //! stops the mesh:
-//! - two values for one departed peer keep the smaller name. The one way this happens without
-//!   a bug is a winner cut off before its win was heard, then reclaimed itself: its taker won
-//!   the same peer through the inherited claim, and both values lead to that taker.
+//! - two reclaims of one peer keep a settled one over a pending one, then the smaller winner.
+//!   Two happen without a bug when a winner is cut off before its win settles and is then
+//!   reclaimed itself: its taker wins the same peer through the inherited claim, and settles.
+//! - two heirs for one peer (a bug) keep the smaller name.
 //! - hand-overs that form a cycle (two peers that reset at once, each naming the other) leave the
 //!   cycle's space with its largest member, which is gone: it looks vanished, and its space is
 //!   reclaimed by vote, which breaks the cycle.
@@ -31,13 +39,31 @@ use serde::{Deserialize, Serialize};
 
 use crate::peer::PeerName;
 
+/// A won reclaim.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Take {
+    /// The claimer that won.
+    pub by: PeerName,
+    /// The claim round it won in.
+    pub round: u64,
+    /// Routers owning more than half of the universe saw it, and the space moved.
+    pub settled: bool,
+}
+
+impl Take {
+    /// The merge order: settled over pending, then the smaller winner, then the later round.
+    fn rank(&self) -> (bool, std::cmp::Reverse<PeerName>, u64) {
+        (self.settled, std::cmp::Reverse(self.by), self.round)
+    }
+}
+
 /// Departures and claim rounds. See the module documentation.
 #[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct Register {
     /// Peers that left with `meshctl reset`, and the heir each named.
     handed: BTreeMap<PeerName, PeerName>,
-    /// Peers reclaimed by a vote, and the claimer that won.
-    taken: BTreeMap<PeerName, PeerName>,
+    /// Peers reclaimed by a vote, and the reclaim.
+    taken: BTreeMap<PeerName, Take>,
     /// The current claim round per peer (absent: 0).
     rounds: BTreeMap<PeerName, u64>,
 }
@@ -48,8 +74,8 @@ impl Register {
         let mut path: Vec<PeerName> = Vec::new();
         let mut p = peer;
         loop {
-            let next = self.taken.get(&p).or_else(|| self.handed.get(&p));
-            let Some(&next) = next else {
+            let settled = self.taken.get(&p).filter(|t| t.settled).map(|t| t.by);
+            let Some(next) = settled.or_else(|| self.handed.get(&p).copied()) else {
                 return p;
             };
             path.push(p);
@@ -73,9 +99,22 @@ impl Register {
         &self.handed
     }
 
-    /// Peers reclaimed by a vote, with their takers.
-    pub fn taken(&self) -> &BTreeMap<PeerName, PeerName> {
+    /// Reclaims won, settled or pending (also void ones).
+    pub fn taken(&self) -> &BTreeMap<PeerName, Take> {
         &self.taken
+    }
+
+    /// The reclaim of `peer` that is won but not settled, unless `peer` spoke up since.
+    pub fn pending(&self, peer: PeerName) -> Option<Take> {
+        self.taken
+            .get(&peer)
+            .filter(|t| !t.settled && t.round >= self.round(peer))
+            .copied()
+    }
+
+    /// Whether `peer` was reclaimed for good: its votes are settled.
+    pub fn settled(&self, peer: PeerName) -> bool {
+        self.taken.get(&peer).is_some_and(|t| t.settled)
     }
 
     /// Every peer that has a departure recorded (departed or not, see cycles).
@@ -93,9 +132,23 @@ impl Register {
         insert_smaller(&mut self.handed, from, to)
     }
 
-    /// Records that `to` won the reclaim of `from`. Returns whether it is new.
-    pub fn take(&mut self, from: PeerName, to: PeerName) -> bool {
-        insert_smaller(&mut self.taken, from, to)
+    /// Records that `by` won the reclaim of `from` in `round` (pending). Returns whether it is
+    /// new.
+    pub fn take(&mut self, from: PeerName, by: PeerName, round: u64) -> bool {
+        let t = Take {
+            by,
+            round,
+            settled: false,
+        };
+        merge_take(&mut self.taken, from, t)
+    }
+
+    /// Settles `by`'s pending reclaim of `from` (only `by` calls this). Returns whether it is new.
+    pub fn settle(&mut self, from: PeerName, by: PeerName) -> bool {
+        match self.pending(from) {
+            Some(t) if t.by == by => merge_take(&mut self.taken, from, Take { settled: true, ..t }),
+            _ => false,
+        }
     }
 
     /// Starts a new claim round on `peer` (only `peer` calls this); returns it.
@@ -111,8 +164,8 @@ impl Register {
         for (&from, &to) in &other.handed {
             changed |= insert_smaller(&mut self.handed, from, to);
         }
-        for (&from, &to) in &other.taken {
-            changed |= insert_smaller(&mut self.taken, from, to);
+        for (&from, &t) in &other.taken {
+            changed |= merge_take(&mut self.taken, from, t);
         }
         for (&p, &r) in &other.rounds {
             let ours = self.rounds.entry(p).or_insert(0);
@@ -130,9 +183,18 @@ impl Register {
         let mut merged = self.clone();
         merged.merge(other);
         let mut out = Vec::new();
-        for (from, to) in self.taken.iter().chain(self.handed.iter()) {
-            let theirs = other.taken.get(from).or_else(|| other.handed.get(from));
-            if let Some(theirs) = theirs {
+        let takers = |r: &Register| -> BTreeMap<PeerName, PeerName> {
+            let mut m: BTreeMap<PeerName, PeerName> = r.handed.clone();
+            for (from, t) in &r.taken {
+                if t.settled {
+                    m.insert(*from, t.by);
+                }
+            }
+            m
+        };
+        let (ours, theirs_all) = (takers(self), takers(other));
+        for (from, to) in &ours {
+            if let Some(theirs) = theirs_all.get(from) {
                 let (a, b) = (merged.owner(*to), merged.owner(*theirs));
                 if a != b && !out.iter().any(|(f, _, _)| f == from) {
                     out.push((*from, a, b));
@@ -140,6 +202,18 @@ impl Register {
             }
         }
         out
+    }
+}
+
+/// Inserts the reclaim `t` of `from`, keeping the higher ranked one. Returns whether the map
+/// changed.
+fn merge_take(map: &mut BTreeMap<PeerName, Take>, from: PeerName, t: Take) -> bool {
+    match map.get(&from) {
+        Some(ours) if ours.rank() >= t.rank() => false,
+        _ => {
+            map.insert(from, t);
+            true
+        }
     }
 }
 
@@ -169,9 +243,12 @@ mod tests {
         let mut r = Register::default();
         r.hand(p(1), p(2));
         assert_eq!(r.owner(p(1)), p(2));
-        r.take(p(2), p(3));
+        r.take(p(2), p(3), 0);
+        assert_eq!(r.owner(p(1)), p(2), "a pending reclaim moves nothing");
+        assert!(r.settle(p(2), p(3)));
         assert_eq!(r.owner(p(1)), p(3), "1's heir was reclaimed by 3");
-        r.take(p(1), p(4));
+        r.take(p(1), p(4), 0);
+        r.settle(p(1), p(4));
         assert_eq!(r.owner(p(1)), p(4), "1 was reclaimed while it reset");
         assert!(r.departed(p(1)) && !r.departed(p(4)));
     }
@@ -186,25 +263,48 @@ mod tests {
             !r.departed(p(2)),
             "the cycle's largest member holds the space"
         );
-        r.take(p(2), p(7));
+        r.take(p(2), p(7), 0);
+        r.settle(p(2), p(7));
         assert_eq!((r.owner(p(1)), r.owner(p(2))), (p(7), p(7)));
     }
 
     #[test]
     fn a_second_winner_through_an_inherited_claim_is_no_dispute() {
-        // 1 won 5 but was cut off; 2 reclaimed 1 and won 5 through 1's claim.
+        // 1 won 5 but was cut off before it settled; 2 reclaimed 1 and won 5 through 1's claim.
         let mut cut_off = Register::default();
-        cut_off.take(p(5), p(1));
+        cut_off.take(p(5), p(1), 0);
         let mut rest = Register::default();
-        rest.take(p(1), p(2));
-        rest.take(p(5), p(2));
+        for (from, by) in [(p(1), p(2)), (p(5), p(2))] {
+            rest.take(from, by, 0);
+            rest.settle(from, by);
+        }
         assert!(cut_off.disputes(&rest).is_empty());
         let mut m = cut_off.clone();
         m.merge(&rest);
         assert_eq!(m.owner(p(5)), p(2));
+        let mut settled_elsewhere = Register::default();
+        settled_elsewhere.take(p(5), p(1), 0);
+        settled_elsewhere.settle(p(5), p(1));
         let mut other = Register::default();
-        other.take(p(5), p(3));
-        assert_eq!(cut_off.disputes(&other), vec![(p(5), p(1), p(3))]);
+        other.take(p(5), p(3), 0);
+        other.settle(p(5), p(3));
+        assert_eq!(settled_elsewhere.disputes(&other), vec![(p(5), p(1), p(3))]);
+    }
+
+    #[test]
+    fn a_pending_reclaim_is_void_once_its_peer_speaks_up_and_a_settled_one_is_not() {
+        let mut r = Register::default();
+        r.take(p(5), p(1), 0);
+        assert!(r.pending(p(5)).is_some());
+        r.bump_round(p(5));
+        assert_eq!(r.pending(p(5)), None, "5 answered: the win is void");
+        assert!(!r.settle(p(5), p(1)));
+        assert_eq!(r.owner(p(5)), p(5));
+        let mut s = Register::default();
+        s.take(p(5), p(1), 0);
+        s.settle(p(5), p(1));
+        s.bump_round(p(5));
+        assert_eq!(s.owner(p(5)), p(1));
     }
 
     fn arb_register() -> impl Strategy<Value = Register> {
@@ -219,8 +319,11 @@ mod tests {
                 for (a, b) in h {
                     r.hand(p(a), p(b));
                 }
-                for (a, b) in t {
-                    r.take(p(a), p(b));
+                for (i, (a, b)) in t.into_iter().enumerate() {
+                    r.take(p(a), p(b), i as u64 % 2);
+                    if i % 3 == 0 {
+                        r.settle(p(a), p(b));
+                    }
                 }
                 for (a, n) in rounds {
                     for _ in 0..n {

@@ -241,9 +241,16 @@ impl Ring {
         new
     }
 
-    /// Records that `to` won the reclaim of `from` (called by `to`). Returns whether it is new.
-    pub fn take(&mut self, from: PeerName, to: PeerName) -> bool {
-        let new = self.register.take(from, to);
+    /// Records that `by` won the reclaim of `from` in `round`, pending until it settles
+    /// (called by `by`). Returns whether it is new.
+    pub fn take(&mut self, from: PeerName, by: PeerName, round: u64) -> bool {
+        self.register.take(from, by, round)
+    }
+
+    /// Settles `by`'s pending reclaim of `from`: the space moves to `by` (called by `by`).
+    /// Returns whether it is new.
+    pub fn settle(&mut self, from: PeerName, by: PeerName) -> bool {
+        let new = self.register.settle(from, by);
         self.forget_void_votes();
         new
     }
@@ -349,15 +356,15 @@ impl Ring {
         changed
     }
 
-    /// Drops votes whose round is over or whose peer was reclaimed (no version change: every
-    /// copy that knows it drops them alike, and equal versions merge by union). Votes on a peer
-    /// that reset stay: should two resets name each other, the cycle's space is reclaimed, and
-    /// votes cast before count then as they would have.
+    /// Drops votes whose round is over or whose peer was reclaimed for good (no version change:
+    /// every copy that knows it drops them alike, and equal versions merge by union). Votes on
+    /// a peer that reset stay: should two resets name each other, the cycle's space is
+    /// reclaimed, and votes cast before count then as they would have.
     fn forget_void_votes(&mut self) {
         let register = &self.register;
         for e in self.entries.values_mut() {
             e.votes
-                .retain(|g, v| !register.taken().contains_key(g) && v.round >= register.round(*g));
+                .retain(|g, v| !register.settled(*g) && v.round >= register.round(*g));
         }
     }
 }
@@ -417,7 +424,9 @@ mod tests {
         assert!(!ring.hand(a, b), "the same departure twice is no change");
         assert!(ring.owned(a).is_empty());
         assert_eq!(ring.owned(b).iter().map(|r| r.len()).sum::<u64>(), 170);
-        assert!(ring.take(b, c));
+        assert!(ring.take(b, c, 0));
+        assert_eq!(ring.owner(b), b, "pending: nothing moved yet");
+        assert!(ring.settle(b, c));
         assert_eq!(ring.owners(), [c].into());
         assert_eq!(ring.owner(a), c);
         // c may give away what it inherited; the donated part is written in c's name.
@@ -460,8 +469,13 @@ mod tests {
         assert_eq!(ring.bump_round(x), 1);
         assert!(ring.slots().all(|(_, _, e)| e.votes.is_empty()));
         assert!(ring.stamp(n, x, b), "a new round, a new vote");
-        // Once x is reclaimed, the votes on it are settled and dropped.
-        ring.take(x, b);
+        // Once x is reclaimed for good, the votes on it are settled and dropped.
+        ring.take(x, b, 1);
+        assert!(
+            ring.slots().any(|(_, _, e)| !e.votes.is_empty()),
+            "kept while pending"
+        );
+        ring.settle(x, b);
         assert!(ring.slots().all(|(_, _, e)| e.votes.is_empty()));
         assert!(!ring.stamp(a, x, a), "nobody votes on a reclaimed peer");
     }
@@ -473,7 +487,8 @@ mod tests {
         voted.stamp(a, x, a);
         voted.stamp(b, x, a);
         let mut settled = voted.clone();
-        settled.take(x, a);
+        settled.take(x, a, 0);
+        settled.settle(x, a);
         let mut m1 = voted.clone();
         m1.merge(&settled).unwrap();
         let mut m2 = settled.clone();
@@ -496,8 +511,10 @@ mod tests {
         let (a, b, x) = (PeerName(1), PeerName(2), PeerName(3));
         let mut one = Ring::genesis(subnet(), &[a, b, x]);
         let mut two = one.clone();
-        one.take(x, a);
-        two.take(x, b);
+        one.take(x, a, 0);
+        one.settle(x, a);
+        two.take(x, b, 0);
+        two.settle(x, b);
         let mut m1 = one.clone();
         m1.merge(&two).unwrap();
         let mut m2 = two.clone();
