@@ -606,3 +606,49 @@ fn a_router_without_space_does_not_claim_so_its_vanishing_strands_nothing() {
         mesh.ipams[0].status().claims
     );
 }
+
+/// Goal: a win that was voided (its peer answered) must not hide a later win on the same peer,
+/// also when the earlier winner's name is smaller. Method: 1 wins 5 but 5 answers before the win
+/// settles; 1 resets; much later 5 vanishes for good, and 2 (larger than 1) must reclaim it.
+#[test]
+fn a_voided_win_does_not_hide_a_later_one() {
+    let mut mesh = Mesh::new();
+    mesh.split(&[&[0, 1, 2], &[3, 4]]);
+    mesh.now += RECLAIM_AFTER + Duration::from_secs(1);
+    mesh.ipams[0].handle_timeout(mesh.now);
+    let claim = mesh.ipams[0].full_state();
+    for i in [1, 2] {
+        mesh.ipams[i].merge(mesh.now, claim.clone());
+    }
+    for i in [1, 2] {
+        let s = mesh.ipams[i].full_state();
+        mesh.ipams[0].merge(mesh.now, s);
+    }
+    let won = mesh.ipams[0].register().pending(PeerName(5));
+    assert_eq!(won.map(|t| t.by), Some(PeerName(1)), "1 won 5");
+    // 5 answers before anyone acknowledged the win: it is void everywhere.
+    let answer = {
+        let five = &mut mesh.ipams[4];
+        five.merge(mesh.now, claim.clone());
+        five.full_state()
+    };
+    for i in [0, 1, 2] {
+        mesh.ipams[i].merge(mesh.now, answer.clone());
+        assert_eq!(mesh.ipams[i].register().pending(PeerName(5)), None);
+    }
+    mesh.heal();
+    mesh.advance(Duration::from_secs(1));
+    let heir = mesh.ipams[0].heir().unwrap();
+    mesh.ipams[0].hand_over(heir);
+    mesh.gossip();
+    mesh.alive.remove(&0);
+    mesh.vanish(4);
+    mesh.advance(RECLAIM_AFTER);
+    mesh.advance(RECLAIM_AFTER);
+    assert!(
+        !mesh.owners(1).contains(&PeerName(5)),
+        "5's space is stuck: {:#?}",
+        mesh.ipams[1].status().claims
+    );
+    assert!(mesh.owned_twice().is_empty());
+}

@@ -12,11 +12,17 @@
 //! off at the moment it won would count the space as its own (to vote with) while the routers
 //! that never heard of the win still count it as the vanished peer's: the same addresses on two
 //! sides. Once settled, any later majority includes addresses whose owner knew of it. A pending
-//! reclaim whose peer speaks up first (starts a new round, below) is void.
+//! reclaim whose peer speaks up first (starts a new round, below) is void. Known limit: voiding
+//! is decided by the peer alone, settling by a majority, and nothing orders the two; a winner
+//! that counts acknowledgements sent just before their senders heard the peer answer can settle
+//! a reclaim the others hold void. That needs a live peer (one that vanished never answers) on
+//! the far side of a split longer than `reclaim_after`; README lists it under what long splits
+//! cost.
 //!
 //! Merges are deterministic for every input, so copies always converge and no disagreement
 //! stops the mesh:
-//! - two reclaims of one peer keep a settled one over a pending one, then the smaller winner.
+//! - two reclaims of one peer keep a settled one over a pending one, then the later round, then
+//!   the smaller winner.
 //!   Two happen without a bug when a winner is cut off before its win settles and is then
 //!   reclaimed itself: its taker wins the same peer through the inherited claim, and settles.
 //! - two heirs for one peer (a bug) keep the smaller name.
@@ -51,9 +57,11 @@ pub struct Take {
 }
 
 impl Take {
-    /// The merge order: settled over pending, then the smaller winner, then the later round.
-    fn rank(&self) -> (bool, std::cmp::Reverse<PeerName>, u64) {
-        (self.settled, std::cmp::Reverse(self.by), self.round)
+    /// The merge order: settled over pending, then the later round (an earlier pending one is
+    /// void once a later round exists, so it must not hide a later win), then the smaller
+    /// winner.
+    fn rank(&self) -> (bool, u64, std::cmp::Reverse<PeerName>) {
+        (self.settled, self.round, std::cmp::Reverse(self.by))
     }
 }
 
