@@ -652,3 +652,51 @@ fn a_voided_win_does_not_hide_a_later_one() {
     );
     assert!(mesh.owned_twice().is_empty());
 }
+
+/// Goal: a claimer that has won (pending) never yields afterwards: its votes would then count for
+/// the smaller claimer too, and both would win (found by the 2,000-run proof, seed 2416).
+/// Method: 5 vanishes; a split {1} | {2, 3, 4} outlasts `reclaim_after`; each side claims 5; 2
+/// wins with 3 and 4 and, before its win settles, hears 1's smaller claim; then 1 hears the votes
+/// of 3 and 4 and 2's record, but not yet 2's win; everything heals.
+#[test]
+fn a_claimer_that_won_does_not_yield_to_a_smaller_one() {
+    let mut mesh = Mesh::new();
+    mesh.vanish(4);
+    mesh.split(&[&[0], &[1, 2, 3]]);
+    mesh.now += RECLAIM_AFTER + Duration::from_secs(1);
+    for i in [0, 1, 2, 3] {
+        mesh.ipams[i].handle_timeout(mesh.now);
+    }
+    // 3 and 4 hear 2's claim and vote; 2 hears their votes and wins.
+    let claim = mesh.ipams[1].full_state();
+    for i in [2, 3] {
+        mesh.ipams[i].merge(mesh.now, claim.clone());
+    }
+    for i in [2, 3] {
+        let s = mesh.ipams[i].full_state();
+        mesh.ipams[1].merge(mesh.now, s);
+    }
+    let won = mesh.ipams[1].register().pending(PeerName(5));
+    assert_eq!(won.map(|t| t.by), Some(PeerName(2)), "2 won 5");
+    // 2 hears 1's smaller claim before its win settles; then 1 hears 3's and 4's votes and 2's
+    // record, but not 2's ring with the win (that delta was lost on a dropped connection; the
+    // periodic full state brings it later).
+    let one = mesh.ipams[0].full_state();
+    mesh.ipams[1].merge(mesh.now, one);
+    for i in [2, 3, 1] {
+        let mut s = mesh.ipams[i].full_state();
+        if i == 1 {
+            s.rings.clear();
+        }
+        mesh.ipams[0].merge(mesh.now, s);
+    }
+    assert_eq!(
+        mesh.ipams[0].register().pending(PeerName(5)),
+        None,
+        "1 won 5 as well, with the votes that won it for 2"
+    );
+    mesh.heal();
+    mesh.advance(Duration::from_secs(1));
+    assert!(mesh.owned_twice().is_empty());
+    assert_eq!(mesh.ipams[0].register().owner(PeerName(5)), PeerName(2));
+}

@@ -34,7 +34,8 @@
 //! (`yielded`, also gossiped): from then on it never takes that peer over, and the votes it got
 //! count for the claimer it yielded to (and on along further yields, always to smaller names,
 //! so there are no cycles). A vote still counts for at most one winner: it counts for another
-//! claimer only after the one it was cast for has given up winning.
+//! claimer only after the one it was cast for has given up winning, and a claimer that has won
+//! (even pending) never yields.
 //!
 //! A claimer can itself depart (vanish and be reclaimed, or reset) after the votes went to it.
 //! Its claims then pass to whoever holds its space, with the votes cast for it and the yields
@@ -376,7 +377,9 @@ impl Ipam {
                 ring_changed |= universe.stamp(self.me, x, v.claimer);
             }
         }
-        // Yield: to a smaller claimer of the same peer, unless its votes would lead back to us.
+        // Yield: to a smaller claimer of the same peer, unless its votes would lead back to us,
+        // and never once the peer is won (pending): the votes that won it must not count for
+        // anyone else.
         let mine: Vec<PeerName> = self.state.records[&self.me]
             .claims
             .claims
@@ -386,7 +389,7 @@ impl Ipam {
             .collect();
         for &x in &mine {
             let own = &self.state.records[&self.me].claims;
-            if own.yielded.contains_key(&x) {
+            if own.yielded.contains_key(&x) || universe.register().pending(x).is_some() {
                 continue;
             }
             let Some(&(to, _)) = claimers.get(&x) else {
