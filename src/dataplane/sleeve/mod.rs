@@ -20,7 +20,8 @@
 //! Peers on the kernel VXLAN fast path (`ForwardingTable::vxlan`) keep their sleeve sessions but
 //! get only our own broadcasts from it, flagged relay-only, so that they relay them to their
 //! subtrees (each container then sees each broadcast exactly once); both threads forget the MACs
-//! of peers that move to VXLAN and `tx` never unicasts to one.
+//! of peers that move to VXLAN, `tx` never unicasts to one, and `rx` writes nothing from one into
+//! the TAP, so the bridge never learns a VXLAN peer's MACs behind the TAP either.
 //!
 //! Not here: the wire format (`frame.rs`), sealing (`crypto.rs`), replay windows (`replay.rs`),
 //! offload arithmetic (`offload.rs`), the socket's GSO/GRO (`udp.rs`), opening the TAP
@@ -75,8 +76,8 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 
 /// Packet and drop counts, shared with the status API.
 ///
-/// Drops count what was dropped: a datagram for receive-side reasons, a frame for `no_route` and
-/// `tap_write`.
+/// Drops count what was dropped: a datagram for receive-side reasons, a frame for `no_route`,
+/// `tap_write` and `from_vxlan_peer`.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Datagrams received on the UDP socket.
@@ -118,6 +119,9 @@ pub struct Counters {
     /// Frames from our TAP too big for the path to their next hop (answered with ICMP "too
     /// big" when the sender set DF or used IPv6; see `icmp.rs`).
     pub drop_too_big: AtomicU64,
+    /// Frames for us from a peer that is on VXLAN with us but sent them over the sleeve (it has
+    /// not switched yet): not written into the TAP (see `rx.rs`).
+    pub drop_from_vxlan_peer: AtomicU64,
     /// How the socket batches datagrams ([`Batching::code`]); 0 until the sleeve has set it up.
     /// Not a counter: left out of [`Counters::snapshot`].
     pub batching: AtomicU8,
@@ -127,7 +131,7 @@ impl Counters {
     /// All counters by name, for the status JSON. Drop counters are named by reason alone
     /// ("malformed", "truncated", ...).
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        let all: [(&'static str, &AtomicU64); 19] = [
+        let all: [(&'static str, &AtomicU64); 20] = [
             ("rx_datagrams", &self.rx_datagrams),
             ("tx_datagrams", &self.tx_datagrams),
             ("rx_frames", &self.rx_frames),
@@ -147,6 +151,7 @@ impl Counters {
             ("tap_write", &self.drop_tap_write),
             ("bad_tap_frame", &self.drop_bad_tap_frame),
             ("too_big", &self.drop_too_big),
+            ("from_vxlan_peer", &self.drop_from_vxlan_peer),
         ];
         all.iter()
             .map(|(name, c)| (*name, c.load(Ordering::Relaxed)))
@@ -755,6 +760,82 @@ mod tests {
         for (k, n) in expect {
             assert_eq!(now[k] - before[k], n, "{k}: {now:?}");
         }
+
+        for (tx, handle) in [node_a, node_b] {
+            drop(tx);
+            handle
+                .join()
+                .expect("sleeve thread")
+                .expect("sleeve ran cleanly");
+        }
+    }
+
+    /// Packets the kernel received on `TAP` in `ns`, i.e. frames the sleeve wrote into it.
+    fn tap_rx_packets(ns: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-s", "-j", "link", "show", TAP])
+            .output()
+            .expect("run ip");
+        let links: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+        links[0]["stats64"]["rx"]["packets"]
+            .as_u64()
+            .expect("ip -s -j shows rx packets")
+    }
+
+    /// B still sends over the sleeve to A, which already has B on VXLAN (each end switches on its
+    /// own probes): A writes none of it into its TAP, or its bridge would learn B's MACs there.
+    #[test]
+    fn frames_from_a_peer_on_vxlan_never_reach_the_tap() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for network namespaces");
+            return;
+        }
+        if Command::new("ping").arg("-V").output().is_err() {
+            eprintln!("skipped: ping (iputils-ping) is not installed");
+            return;
+        }
+        let netns = Netns::new().expect("create namespaces");
+        let [a, b] = netns.names.clone();
+        let counters_a = Arc::new(Counters::default());
+        let on_sleeve = table(PEER_A, PEER_B, INDEX_A, INDEX_B, "192.168.77.2:6784");
+        let mut on_vxlan = on_sleeve.clone();
+        on_vxlan.vxlan.insert(
+            PEER_B,
+            "192.168.77.2:6785".parse().expect("literal address"),
+        );
+        let table_b = table(PEER_B, PEER_A, INDEX_B, INDEX_A, "192.168.77.1:6784");
+        let node_a = start_node(&a, on_vxlan, counters_a.clone());
+        let node_b = start_node(&b, table_b, Arc::default());
+        for (ns, addr) in [(&a, "10.77.0.1/24"), (&b, "10.77.0.2/24")] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", TAP]).expect("address tap");
+            ip(&["-n", ns, "link", "set", TAP, "up"]).expect("set tap up");
+        }
+        let ping = |count: &str| {
+            Command::new("ip")
+                .args([
+                    "netns", "exec", &b, "ping", "-c", count, "-i", "0.2", "-W", "1",
+                ])
+                .arg("10.77.0.1")
+                .output()
+                .expect("run ping")
+                .status
+                .success()
+        };
+
+        assert!(!ping("3"), "B reached A's TAP over the sleeve");
+        let drops = counters_a.snapshot()["from_vxlan_peer"];
+        assert!(drops >= 1, "B's ARP requests were not counted: {drops}");
+        assert_eq!(
+            tap_rx_packets(&a),
+            0,
+            "the sleeve wrote B's frames into A's TAP"
+        );
+
+        // Once A has B on the sleeve again, the same frames go through.
+        node_a.0.send_replace(Arc::new(on_sleeve));
+        wait_for("a ping over the sleeve", || ping("1"));
+        assert!(tap_rx_packets(&a) > 0);
 
         for (tx, handle) in [node_a, node_b] {
             drop(tx);
