@@ -13,9 +13,12 @@
 //! The async [`run`] task owns neither: it adopts each new [`ForwardingTable`] into a [`Snapshot`]
 //! (keeping the send counters of sessions whose keys did not change) and publishes it through an
 //! `ArcSwap` that both threads read once per packet batch; the sleeve never waits on the control
-//! loop. Per-session send counters are atomics shared by both threads (both may send to the same
-//! neighbour: `tx` originates, `rx` relays); replay windows and the MAC table belong to `rx`,
-//! which tells `tx` about every newly learned MAC through a channel.
+//! loop. Once both threads have taken the new snapshot (or are idle, and take it before their next
+//! packet), `run` reports the table live, so that the FDB reconciler can reset the bridge's
+//! learned MACs knowing that no frame is handled under the old table any more. Per-session send
+//! counters are atomics shared by both threads (both may send to the same neighbour: `tx`
+//! originates, `rx` relays); replay windows and the MAC table belong to `rx`, which tells `tx`
+//! about every newly learned MAC through a channel.
 //!
 //! Peers on the kernel VXLAN fast path (`ForwardingTable::vxlan`) keep their sleeve sessions but
 //! get only our own broadcasts from it, flagged relay-only, so that they relay them to their
@@ -73,6 +76,14 @@ const MACS_MAX: usize = 65_536;
 const COUNTER_MAX: u64 = u64::MAX - (1 << 16);
 /// How often the threads look at the stop flag when idle.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// The longest [`run`] waits for both threads to take a new snapshot before it reports the table
+/// live anyway (they take it before their next packet, so only a stuck thread makes it wait).
+const ADOPT_MAX: Duration = Duration::from_secs(1);
+/// Index of each thread in [`Shared::adopted`].
+const TX: usize = 0;
+const RX: usize = 1;
+/// In [`Shared::adopted`]: the thread is idle and takes the newest snapshot before its next packet.
+const IDLE: u64 = u64::MAX;
 
 /// Packet and drop counts, shared with the status API.
 ///
@@ -222,6 +233,8 @@ fn same_keys(a: &SessionParams, b: &SessionParams) -> bool {
 struct Snapshot {
     table: Arc<ForwardingTable>,
     sessions: BTreeMap<PeerName, Arc<TxSession>>,
+    /// Counts the snapshots `run` published, so that the threads can say which one they use.
+    generation: u64,
 }
 
 impl Snapshot {
@@ -238,17 +251,40 @@ impl Snapshot {
                 (*peer, session)
             })
             .collect();
-        Snapshot { table, sessions }
+        Snapshot {
+            table,
+            sessions,
+            generation: self.generation + 1,
+        }
     }
 }
 
 /// What the threads share.
 struct Shared {
     snapshot: ArcSwap<Snapshot>,
+    /// The generation of the snapshot each thread ([`TX`], [`RX`]) handles packets with, or
+    /// [`IDLE`]. SeqCst, like `snapshot`'s own operations: a thread that leaves `IDLE` loads the
+    /// snapshot afterwards, so `run`, which stores first and reads these second, never sees
+    /// `IDLE` from a thread that is about to handle a packet under an older snapshot.
+    adopted: [AtomicU64; 2],
     stop: AtomicBool,
     counters: Arc<Counters>,
     udp: Udp,
     tap: Tap,
+}
+
+impl Shared {
+    /// Thread `thread` handles packets with snapshot `generation` from now on ([`IDLE`]: none).
+    fn adopted(&self, thread: usize, generation: u64) {
+        self.adopted[thread].store(generation, Ordering::SeqCst);
+    }
+
+    /// Whether no packet will be handled under a snapshot older than `generation` any more.
+    fn adopted_by_all(&self, generation: u64) -> bool {
+        self.adopted
+            .iter()
+            .all(|a| a.load(Ordering::SeqCst) >= generation)
+    }
 }
 
 /// Sets the stop flag when the [`run`] future ends or is dropped (the daemon aborts it).
@@ -261,30 +297,35 @@ impl Drop for StopOnDrop {
 }
 
 /// Runs the sleeve until the forwarding table's sender is dropped (then returns `Ok`) or the TAP
-/// or UDP socket fails. `offload` says whether the socket may use UDP GSO/GRO.
+/// or UDP socket fails. `offload` says whether the socket may use UDP GSO/GRO. Each table from
+/// `table` goes to `live` once both threads work with it.
 pub async fn run(
     tap: Tap,
     udp: std::net::UdpSocket,
     offload: Offload,
     mut table: watch::Receiver<Arc<ForwardingTable>>,
+    live: watch::Sender<Arc<ForwardingTable>>,
     counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
     let first = table.borrow_and_update().clone();
     let empty = Snapshot {
         table: Arc::new(ForwardingTable::empty(first.me, first.sealed)),
         sessions: BTreeMap::new(),
+        generation: 0,
     };
     let udp = Udp::new(udp, offload).context("set up sleeve socket (GSO/GRO)")?;
     counters.set_batching(udp.batching());
     tracing::info!(batching = udp.batching().name(), "sleeve socket ready");
     let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(empty.adopt(first)),
+        snapshot: ArcSwap::from_pointee(empty.adopt(first.clone())),
+        adopted: [AtomicU64::new(0), AtomicU64::new(0)],
         stop: AtomicBool::new(false),
         counters,
         udp,
         tap,
     });
     let _stop = StopOnDrop(shared.clone());
+    live.send_replace(first);
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<anyhow::Error>();
     let (macs_tx, macs_rx) = std::sync::mpsc::channel();
     let spawn = |name: &str, body: Box<dyn FnOnce() -> anyhow::Result<()> + Send>| {
@@ -311,8 +352,18 @@ pub async fn run(
                     break Ok(());
                 }
                 let next = table.borrow_and_update().clone();
-                let adopted = shared.snapshot.load().adopt(next);
+                let adopted = shared.snapshot.load().adopt(next.clone());
+                let generation = adopted.generation;
                 shared.snapshot.store(Arc::new(adopted));
+                let deadline = tokio::time::Instant::now() + ADOPT_MAX;
+                while !shared.adopted_by_all(generation) {
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::debug!(generation, "sleeve threads did not take the table in time");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                live.send_replace(next);
             }
             Some(e) = failed_rx.recv() => break Err(e),
         }
@@ -577,16 +628,29 @@ mod tests {
         t
     }
 
-    /// Starts `run` in netns `ns`; returns once the TAP exists. Drop the sender to stop it.
-    fn start_node(
-        ns: &str,
-        t: ForwardingTable,
-        counters: Arc<Counters>,
-    ) -> (
-        watch::Sender<Arc<ForwardingTable>>,
-        std::thread::JoinHandle<anyhow::Result<()>>,
-    ) {
+    /// One running `run`.
+    struct Node {
+        /// Its tables; drop to stop it.
+        tables: watch::Sender<Arc<ForwardingTable>>,
+        handle: std::thread::JoinHandle<anyhow::Result<()>>,
+        /// The tables it reports live.
+        live: watch::Receiver<Arc<ForwardingTable>>,
+    }
+
+    impl Node {
+        fn stop(self) {
+            drop(self.tables);
+            self.handle
+                .join()
+                .expect("sleeve thread")
+                .expect("sleeve ran cleanly");
+        }
+    }
+
+    /// Starts `run` in netns `ns`; returns once the TAP exists.
+    fn start_node(ns: &str, t: ForwardingTable, counters: Arc<Counters>) -> Node {
         let (tx, rx) = watch::channel(Arc::new(t));
+        let (live, live_rx) = watch::channel(tx.borrow().clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = in_netns(ns, move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -597,12 +661,16 @@ mod tests {
                 let udp =
                     std::net::UdpSocket::bind("0.0.0.0:6784").context("bind sleeve socket")?;
                 let _ = ready_tx.send(());
-                run(tap, udp, Offload::Auto, rx, counters).await
+                run(tap, udp, Offload::Auto, rx, live, counters).await
             })
         });
         // If the thread failed before signalling, the error shows when it is joined.
         let _ = ready_rx.recv_timeout(Duration::from_secs(10));
-        (tx, handle)
+        Node {
+            tables: tx,
+            handle,
+            live: live_rx,
+        }
     }
 
     fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -617,7 +685,8 @@ mod tests {
     #[test]
     fn run_future_is_send() {
         fn is_send<T: Send>(_: T) {}
-        let _ = |tap, udp, rx| is_send(run(tap, udp, Offload::Auto, rx, Arc::default()));
+        let _ =
+            |tap, udp, rx, live| is_send(run(tap, udp, Offload::Auto, rx, live, Arc::default()));
     }
 
     #[test]
@@ -761,13 +830,8 @@ mod tests {
             assert_eq!(now[k] - before[k], n, "{k}: {now:?}");
         }
 
-        for (tx, handle) in [node_a, node_b] {
-            drop(tx);
-            handle
-                .join()
-                .expect("sleeve thread")
-                .expect("sleeve ran cleanly");
-        }
+        node_a.stop();
+        node_b.stop();
     }
 
     /// Packets the kernel received on `TAP` in `ns`, i.e. frames the sleeve wrote into it.
@@ -832,17 +896,24 @@ mod tests {
             "the sleeve wrote B's frames into A's TAP"
         );
 
-        // Once A has B on the sleeve again, the same frames go through.
-        node_a.0.send_replace(Arc::new(on_sleeve));
+        // Once A has B on the sleeve again, the same frames go through. Both threads are idle
+        // and take the table before their next packet, so it is live at once, not after
+        // ADOPT_MAX.
+        let on_sleeve = Arc::new(on_sleeve);
+        let sent = Instant::now();
+        node_a.tables.send_replace(on_sleeve.clone());
+        wait_for("the table to be live", || {
+            Arc::ptr_eq(&node_a.live.borrow(), &on_sleeve)
+        });
+        assert!(
+            sent.elapsed() < ADOPT_MAX / 2,
+            "live after {:?}",
+            sent.elapsed()
+        );
         wait_for("a ping over the sleeve", || ping("1"));
         assert!(tap_rx_packets(&a) > 0);
 
-        for (tx, handle) in [node_a, node_b] {
-            drop(tx);
-            handle
-                .join()
-                .expect("sleeve thread")
-                .expect("sleeve ran cleanly");
-        }
+        node_a.stop();
+        node_b.stop();
     }
 }

@@ -38,7 +38,7 @@ use super::frame::{
 };
 use super::offload::{self, Layout, VnetHdr, FRAME_MAX, F_NEEDS_CSUM, GSO_NONE, VNET_HDR_LEN};
 use super::replay::ReplayWindow;
-use super::{bump, same_keys, Sender, Shared, Snapshot, IDLE_POLL, MACS_MAX};
+use super::{bump, same_keys, Sender, Shared, Snapshot, IDLE, IDLE_POLL, MACS_MAX, RX};
 use crate::dataplane::forwarding::{SessionDrop, SessionParams};
 
 /// The receiving half of a session.
@@ -77,6 +77,7 @@ pub(super) fn run(
         scratch: Vec::with_capacity(FRAME_MAX),
     };
     rx.adopt_sessions();
+    shared.adopted(RX, rx.snapshot.generation);
     let mut batch = shared.udp.recv_buf();
     while !shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
         rx.refresh();
@@ -89,7 +90,10 @@ pub(super) fn run(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 rx.joiner.flush(&rx.shared);
-                shared.udp.wait(IDLE_POLL)?;
+                shared.adopted(RX, IDLE);
+                let waited = shared.udp.wait(IDLE_POLL);
+                shared.adopted(RX, rx.snapshot.generation);
+                waited?;
             }
             // ICMP errors reported by the kernel for earlier sends; not fatal.
             Err(e)
@@ -114,8 +118,11 @@ impl Rx {
     fn refresh(&mut self) {
         let current = self.shared.snapshot.load();
         if !Arc::ptr_eq(&current, &self.snapshot) {
+            // A super-frame joined under the old table goes out under it too.
+            self.joiner.flush(&self.shared);
             self.snapshot = current.clone();
             self.adopt_sessions();
+            self.shared.adopted(RX, self.snapshot.generation);
         }
     }
 
