@@ -154,21 +154,25 @@ async fn run(args: LaunchArgs, paths: Paths) -> Result<()> {
     let counters = Arc::new(Counters::default());
     let empty = Arc::new(ForwardingTable::empty(identity.name(), sealed));
     // control loop -> FDB reconciler -> sleeve: the sleeve sees a table only once the kernel's
-    // flood entries match it.
+    // flood entries match it, and says when it works with it (`live`), after which the
+    // reconciler resets the bridge's learned MACs.
     let (table_tx, control_rx) = watch::channel(empty.clone());
-    let (sleeve_tx, table_rx) = watch::channel(empty);
+    let (sleeve_tx, table_rx) = watch::channel(empty.clone());
+    let (live_tx, live_rx) = watch::channel(empty);
     let reconciler = tokio::spawn(vxlan::run_reconciler(
         netlink.clone(),
         device.clone(),
         tap_name.clone(),
         control_rx,
         sleeve_tx,
+        live_rx,
     ));
     let dataplane = tokio::spawn(sleeve::run(
         tap,
         data_socket,
         args.udp_offload,
         table_rx,
+        live_tx,
         counters.clone(),
     ));
     let (fastpath, prober) = match &device {

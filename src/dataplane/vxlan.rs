@@ -10,7 +10,10 @@
 //! - [`run_reconciler`] sits between the control loop and the sleeve: for every new
 //!   [`ForwardingTable`] it first brings the flood entries in line with `table.vxlan`, then hands
 //!   the table on. So the sleeve never skips a peer before the kernel floods to it, and never
-//!   resumes a peer after the kernel stopped: a window can lose a frame, never duplicate one.
+//!   resumes a peer after the kernel stopped. When a peer changed overlay, it then waits until
+//!   the sleeve works with the new table and only then makes the bridge forget what it learned
+//!   on both overlay ports: flushed earlier, the sleeve could still write that peer's frames into
+//!   the TAP (or take frames for it) under the old table and teach the bridge the old port again.
 //! - [`run_prober`] sends probes as VXLAN datagrams built here (to the peer's VXLAN port, inner
 //!   frame addressed to the peer's vxlan device, ethertype [`PROBE_ETHERTYPE`], full container
 //!   MTU or small) and receives the ones the peer's kernel decapsulated: the peer's bridge hands a
@@ -50,6 +53,9 @@ const PROBE_MAGIC: &[u8; 6] = b"mshvx1";
 const PROBE_LEN: usize = 6 + 1 + 1 + 8 + 8 + 6;
 /// Inner frame size of a small probe.
 pub const SMALL_PROBE_FRAME: usize = 64;
+/// How long the reconciler waits for the sleeve to take a new table before it flushes the
+/// bridge anyway (the sleeve itself gives up waiting for its threads after a second).
+const LIVE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The fast-path device on this host.
 #[derive(Clone, Debug)]
@@ -88,14 +94,16 @@ pub async fn setup(
 }
 
 /// Keeps the device's flood entries equal to `table.vxlan` and passes each table on to the
-/// sleeve once the kernel agrees with it. A peer whose entry can't be added stays with the
-/// sleeve. Returns when either channel closes.
+/// sleeve once the kernel agrees with it; after a change, flushes the bridge's learned MACs on
+/// the TAP and the VXLAN port once the sleeve reports the table on `live`. A peer whose entry
+/// can't be added stays with the sleeve. Returns when either table channel closes.
 pub async fn run_reconciler(
     netlink: Arc<Netlink>,
     device: Option<Device>,
     tap: String,
     mut from_control: watch::Receiver<Arc<ForwardingTable>>,
     to_sleeve: watch::Sender<Arc<ForwardingTable>>,
+    mut live: watch::Receiver<Arc<ForwardingTable>>,
 ) {
     let mut applied: BTreeMap<PeerName, SocketAddrV4> = BTreeMap::new();
     loop {
@@ -139,18 +147,25 @@ pub async fn run_reconciler(
                 Err(e) => tracing::warn!(%peer, "fast path: {e:#}; peer stays on sleeve"),
             }
         }
+        let mut table = (*table).clone();
+        table.vxlan = applied.clone();
+        let table = Arc::new(table);
+        to_sleeve.send_replace(table.clone());
         if changed {
             // MACs the bridge learned on either overlay port may now sit behind the other
-            // one; forget them so the next frame floods once and teaches the right port.
+            // one; forget them so the next frame floods once and teaches the right port. Only
+            // once the sleeve works with the new table: until then it may still write a frame
+            // from a peer that moved into the TAP, and the bridge would learn it there again.
+            let sleeve_has_it = live.wait_for(|t| Arc::ptr_eq(t, &table));
+            if tokio::time::timeout(LIVE_MAX, sleeve_has_it).await.is_err() {
+                tracing::warn!("fast path: the sleeve did not take the new table in time");
+            }
             for port in [device.name.as_str(), tap.as_str()] {
                 if let Err(e) = netlink.flush_bridge_port(port).await {
                     tracing::warn!("fast path: {e:#}");
                 }
             }
         }
-        let mut table = (*table).clone();
-        table.vxlan = applied.clone();
-        to_sleeve.send_replace(Arc::new(table));
         if from_control.changed().await.is_err() {
             return;
         }

@@ -13,14 +13,18 @@
 //! The async [`run`] task owns neither: it adopts each new [`ForwardingTable`] into a [`Snapshot`]
 //! (keeping the send counters of sessions whose keys did not change) and publishes it through an
 //! `ArcSwap` that both threads read once per packet batch; the sleeve never waits on the control
-//! loop. Per-session send counters are atomics shared by both threads (both may send to the same
-//! neighbour: `tx` originates, `rx` relays); replay windows and the MAC table belong to `rx`,
-//! which tells `tx` about every newly learned MAC through a channel.
+//! loop. Once both threads have taken the new snapshot (or are idle, and take it before their next
+//! packet), `run` reports the table live, so that the FDB reconciler can reset the bridge's
+//! learned MACs knowing that no frame is handled under the old table any more. Per-session send
+//! counters are atomics shared by both threads (both may send to the same neighbour: `tx`
+//! originates, `rx` relays); replay windows and the MAC table belong to `rx`, which tells `tx`
+//! about every newly learned MAC through a channel.
 //!
 //! Peers on the kernel VXLAN fast path (`ForwardingTable::vxlan`) keep their sleeve sessions but
 //! get only our own broadcasts from it, flagged relay-only, so that they relay them to their
 //! subtrees (each container then sees each broadcast exactly once); both threads forget the MACs
-//! of peers that move to VXLAN and `tx` never unicasts to one.
+//! of peers that move to VXLAN, `tx` never unicasts to one, and `rx` writes nothing from one into
+//! the TAP, so the bridge never learns a VXLAN peer's MACs behind the TAP either.
 //!
 //! Not here: the wire format (`frame.rs`), sealing (`crypto.rs`), replay windows (`replay.rs`),
 //! offload arithmetic (`offload.rs`), the socket's GSO/GRO (`udp.rs`), opening the TAP
@@ -72,11 +76,19 @@ const MACS_MAX: usize = 65_536;
 const COUNTER_MAX: u64 = u64::MAX - (1 << 16);
 /// How often the threads look at the stop flag when idle.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// The longest [`run`] waits for both threads to take a new snapshot before it reports the table
+/// live anyway (they take it before their next packet, so only a stuck thread makes it wait).
+const ADOPT_MAX: Duration = Duration::from_secs(1);
+/// Index of each thread in [`Shared::adopted`].
+const TX: usize = 0;
+const RX: usize = 1;
+/// In [`Shared::adopted`]: the thread is idle and takes the newest snapshot before its next packet.
+const IDLE: u64 = u64::MAX;
 
 /// Packet and drop counts, shared with the status API.
 ///
-/// Drops count what was dropped: a datagram for receive-side reasons, a frame for `no_route` and
-/// `tap_write`.
+/// Drops count what was dropped: a datagram for receive-side reasons, a frame for `no_route`,
+/// `tap_write` and `from_vxlan_peer`.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Datagrams received on the UDP socket.
@@ -118,6 +130,9 @@ pub struct Counters {
     /// Frames from our TAP too big for the path to their next hop (answered with ICMP "too
     /// big" when the sender set DF or used IPv6; see `icmp.rs`).
     pub drop_too_big: AtomicU64,
+    /// Frames for us from a peer that is on VXLAN with us but sent them over the sleeve (it has
+    /// not switched yet): not written into the TAP (see `rx.rs`).
+    pub drop_from_vxlan_peer: AtomicU64,
     /// How the socket batches datagrams ([`Batching::code`]); 0 until the sleeve has set it up.
     /// Not a counter: left out of [`Counters::snapshot`].
     pub batching: AtomicU8,
@@ -127,7 +142,7 @@ impl Counters {
     /// All counters by name, for the status JSON. Drop counters are named by reason alone
     /// ("malformed", "truncated", ...).
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        let all: [(&'static str, &AtomicU64); 19] = [
+        let all: [(&'static str, &AtomicU64); 20] = [
             ("rx_datagrams", &self.rx_datagrams),
             ("tx_datagrams", &self.tx_datagrams),
             ("rx_frames", &self.rx_frames),
@@ -147,6 +162,7 @@ impl Counters {
             ("tap_write", &self.drop_tap_write),
             ("bad_tap_frame", &self.drop_bad_tap_frame),
             ("too_big", &self.drop_too_big),
+            ("from_vxlan_peer", &self.drop_from_vxlan_peer),
         ];
         all.iter()
             .map(|(name, c)| (*name, c.load(Ordering::Relaxed)))
@@ -217,6 +233,8 @@ fn same_keys(a: &SessionParams, b: &SessionParams) -> bool {
 struct Snapshot {
     table: Arc<ForwardingTable>,
     sessions: BTreeMap<PeerName, Arc<TxSession>>,
+    /// Counts the snapshots `run` published, so that the threads can say which one they use.
+    generation: u64,
 }
 
 impl Snapshot {
@@ -233,17 +251,40 @@ impl Snapshot {
                 (*peer, session)
             })
             .collect();
-        Snapshot { table, sessions }
+        Snapshot {
+            table,
+            sessions,
+            generation: self.generation + 1,
+        }
     }
 }
 
 /// What the threads share.
 struct Shared {
     snapshot: ArcSwap<Snapshot>,
+    /// The generation of the snapshot each thread ([`TX`], [`RX`]) handles packets with, or
+    /// [`IDLE`]. SeqCst, like `snapshot`'s own operations: a thread that leaves `IDLE` loads the
+    /// snapshot afterwards, so `run`, which stores first and reads these second, never sees
+    /// `IDLE` from a thread that is about to handle a packet under an older snapshot.
+    adopted: [AtomicU64; 2],
     stop: AtomicBool,
     counters: Arc<Counters>,
     udp: Udp,
     tap: Tap,
+}
+
+impl Shared {
+    /// Thread `thread` handles packets with snapshot `generation` from now on ([`IDLE`]: none).
+    fn adopted(&self, thread: usize, generation: u64) {
+        self.adopted[thread].store(generation, Ordering::SeqCst);
+    }
+
+    /// Whether no packet will be handled under a snapshot older than `generation` any more.
+    fn adopted_by_all(&self, generation: u64) -> bool {
+        self.adopted
+            .iter()
+            .all(|a| a.load(Ordering::SeqCst) >= generation)
+    }
 }
 
 /// Sets the stop flag when the [`run`] future ends or is dropped (the daemon aborts it).
@@ -256,30 +297,35 @@ impl Drop for StopOnDrop {
 }
 
 /// Runs the sleeve until the forwarding table's sender is dropped (then returns `Ok`) or the TAP
-/// or UDP socket fails. `offload` says whether the socket may use UDP GSO/GRO.
+/// or UDP socket fails. `offload` says whether the socket may use UDP GSO/GRO. Each table from
+/// `table` goes to `live` once both threads work with it.
 pub async fn run(
     tap: Tap,
     udp: std::net::UdpSocket,
     offload: Offload,
     mut table: watch::Receiver<Arc<ForwardingTable>>,
+    live: watch::Sender<Arc<ForwardingTable>>,
     counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
     let first = table.borrow_and_update().clone();
     let empty = Snapshot {
         table: Arc::new(ForwardingTable::empty(first.me, first.sealed)),
         sessions: BTreeMap::new(),
+        generation: 0,
     };
     let udp = Udp::new(udp, offload).context("set up sleeve socket (GSO/GRO)")?;
     counters.set_batching(udp.batching());
     tracing::info!(batching = udp.batching().name(), "sleeve socket ready");
     let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(empty.adopt(first)),
+        snapshot: ArcSwap::from_pointee(empty.adopt(first.clone())),
+        adopted: [AtomicU64::new(0), AtomicU64::new(0)],
         stop: AtomicBool::new(false),
         counters,
         udp,
         tap,
     });
     let _stop = StopOnDrop(shared.clone());
+    live.send_replace(first);
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<anyhow::Error>();
     let (macs_tx, macs_rx) = std::sync::mpsc::channel();
     let spawn = |name: &str, body: Box<dyn FnOnce() -> anyhow::Result<()> + Send>| {
@@ -306,8 +352,18 @@ pub async fn run(
                     break Ok(());
                 }
                 let next = table.borrow_and_update().clone();
-                let adopted = shared.snapshot.load().adopt(next);
+                let adopted = shared.snapshot.load().adopt(next.clone());
+                let generation = adopted.generation;
                 shared.snapshot.store(Arc::new(adopted));
+                let deadline = tokio::time::Instant::now() + ADOPT_MAX;
+                while !shared.adopted_by_all(generation) {
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::debug!(generation, "sleeve threads did not take the table in time");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                live.send_replace(next);
             }
             Some(e) = failed_rx.recv() => break Err(e),
         }
@@ -572,16 +628,29 @@ mod tests {
         t
     }
 
-    /// Starts `run` in netns `ns`; returns once the TAP exists. Drop the sender to stop it.
-    fn start_node(
-        ns: &str,
-        t: ForwardingTable,
-        counters: Arc<Counters>,
-    ) -> (
-        watch::Sender<Arc<ForwardingTable>>,
-        std::thread::JoinHandle<anyhow::Result<()>>,
-    ) {
+    /// One running `run`.
+    struct Node {
+        /// Its tables; drop to stop it.
+        tables: watch::Sender<Arc<ForwardingTable>>,
+        handle: std::thread::JoinHandle<anyhow::Result<()>>,
+        /// The tables it reports live.
+        live: watch::Receiver<Arc<ForwardingTable>>,
+    }
+
+    impl Node {
+        fn stop(self) {
+            drop(self.tables);
+            self.handle
+                .join()
+                .expect("sleeve thread")
+                .expect("sleeve ran cleanly");
+        }
+    }
+
+    /// Starts `run` in netns `ns`; returns once the TAP exists.
+    fn start_node(ns: &str, t: ForwardingTable, counters: Arc<Counters>) -> Node {
         let (tx, rx) = watch::channel(Arc::new(t));
+        let (live, live_rx) = watch::channel(tx.borrow().clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = in_netns(ns, move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -592,12 +661,16 @@ mod tests {
                 let udp =
                     std::net::UdpSocket::bind("0.0.0.0:6784").context("bind sleeve socket")?;
                 let _ = ready_tx.send(());
-                run(tap, udp, Offload::Auto, rx, counters).await
+                run(tap, udp, Offload::Auto, rx, live, counters).await
             })
         });
         // If the thread failed before signalling, the error shows when it is joined.
         let _ = ready_rx.recv_timeout(Duration::from_secs(10));
-        (tx, handle)
+        Node {
+            tables: tx,
+            handle,
+            live: live_rx,
+        }
     }
 
     fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -612,7 +685,8 @@ mod tests {
     #[test]
     fn run_future_is_send() {
         fn is_send<T: Send>(_: T) {}
-        let _ = |tap, udp, rx| is_send(run(tap, udp, Offload::Auto, rx, Arc::default()));
+        let _ =
+            |tap, udp, rx, live| is_send(run(tap, udp, Offload::Auto, rx, live, Arc::default()));
     }
 
     #[test]
@@ -756,12 +830,90 @@ mod tests {
             assert_eq!(now[k] - before[k], n, "{k}: {now:?}");
         }
 
-        for (tx, handle) in [node_a, node_b] {
-            drop(tx);
-            handle
-                .join()
-                .expect("sleeve thread")
-                .expect("sleeve ran cleanly");
+        node_a.stop();
+        node_b.stop();
+    }
+
+    /// Packets the kernel received on `TAP` in `ns`, i.e. frames the sleeve wrote into it.
+    fn tap_rx_packets(ns: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-s", "-j", "link", "show", TAP])
+            .output()
+            .expect("run ip");
+        let links: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+        links[0]["stats64"]["rx"]["packets"]
+            .as_u64()
+            .expect("ip -s -j shows rx packets")
+    }
+
+    /// B still sends over the sleeve to A, which already has B on VXLAN (each end switches on its
+    /// own probes): A writes none of it into its TAP, or its bridge would learn B's MACs there.
+    #[test]
+    fn frames_from_a_peer_on_vxlan_never_reach_the_tap() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for network namespaces");
+            return;
         }
+        if Command::new("ping").arg("-V").output().is_err() {
+            eprintln!("skipped: ping (iputils-ping) is not installed");
+            return;
+        }
+        let netns = Netns::new().expect("create namespaces");
+        let [a, b] = netns.names.clone();
+        let counters_a = Arc::new(Counters::default());
+        let on_sleeve = table(PEER_A, PEER_B, INDEX_A, INDEX_B, "192.168.77.2:6784");
+        let mut on_vxlan = on_sleeve.clone();
+        on_vxlan.vxlan.insert(
+            PEER_B,
+            "192.168.77.2:6785".parse().expect("literal address"),
+        );
+        let table_b = table(PEER_B, PEER_A, INDEX_B, INDEX_A, "192.168.77.1:6784");
+        let node_a = start_node(&a, on_vxlan, counters_a.clone());
+        let node_b = start_node(&b, table_b, Arc::default());
+        for (ns, addr) in [(&a, "10.77.0.1/24"), (&b, "10.77.0.2/24")] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", TAP]).expect("address tap");
+            ip(&["-n", ns, "link", "set", TAP, "up"]).expect("set tap up");
+        }
+        let ping = |count: &str| {
+            Command::new("ip")
+                .args([
+                    "netns", "exec", &b, "ping", "-c", count, "-i", "0.2", "-W", "1",
+                ])
+                .arg("10.77.0.1")
+                .output()
+                .expect("run ping")
+                .status
+                .success()
+        };
+
+        assert!(!ping("3"), "B reached A's TAP over the sleeve");
+        let drops = counters_a.snapshot()["from_vxlan_peer"];
+        assert!(drops >= 1, "B's ARP requests were not counted: {drops}");
+        assert_eq!(
+            tap_rx_packets(&a),
+            0,
+            "the sleeve wrote B's frames into A's TAP"
+        );
+
+        // Once A has B on the sleeve again, the same frames go through. Both threads are idle
+        // and take the table before their next packet, so it is live at once, not after
+        // ADOPT_MAX.
+        let on_sleeve = Arc::new(on_sleeve);
+        let sent = Instant::now();
+        node_a.tables.send_replace(on_sleeve.clone());
+        wait_for("the table to be live", || {
+            Arc::ptr_eq(&node_a.live.borrow(), &on_sleeve)
+        });
+        assert!(
+            sent.elapsed() < ADOPT_MAX / 2,
+            "live after {:?}",
+            sent.elapsed()
+        );
+        wait_for("a ping over the sleeve", || ping("1"));
+        assert!(tap_rx_packets(&a) > 0);
+
+        node_a.stop();
+        node_b.stop();
     }
 }

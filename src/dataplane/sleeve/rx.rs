@@ -10,6 +10,15 @@
 //! broadcast tree, never written into the TAP, and teach no MACs. MACs of peers on VXLAN are not
 //! learned at all (nor kept when a peer moves there): `tx` never unicasts to them.
 //!
+//! Nor is any frame from a peer on VXLAN written into the TAP, flagged or not. Each end moves to
+//! VXLAN when its own probes say so, up to a second apart, and until the peer has moved too it
+//! still sends us frames over the sleeve (its containers' replies, its broadcasts). Written into
+//! the TAP they would teach the bridge that the peer's containers sit behind the TAP, where `tx`
+//! sends nothing to a VXLAN peer: frames for them would vanish until the entry aged out (300 s)
+//! or they happened to send something over VXLAN, which a container that only answers never
+//! does. Dropped here (`drops.from_vxlan_peer`), the frame is lost, like any frame in flight
+//! across a switch, and the bridge learns the peer's MACs on the VXLAN port.
+//!
 //! Invariants: the replay window moves only after a datagram opened; a partly rebuilt
 //! super-frame is written before any later frame and before the thread sleeps, so nothing waits
 //! for a segment that was lost.
@@ -29,7 +38,7 @@ use super::frame::{
 };
 use super::offload::{self, Layout, VnetHdr, FRAME_MAX, F_NEEDS_CSUM, GSO_NONE, VNET_HDR_LEN};
 use super::replay::ReplayWindow;
-use super::{bump, same_keys, Sender, Shared, Snapshot, IDLE_POLL, MACS_MAX};
+use super::{bump, same_keys, Sender, Shared, Snapshot, IDLE, IDLE_POLL, MACS_MAX, RX};
 use crate::dataplane::forwarding::{SessionDrop, SessionParams};
 
 /// The receiving half of a session.
@@ -68,6 +77,7 @@ pub(super) fn run(
         scratch: Vec::with_capacity(FRAME_MAX),
     };
     rx.adopt_sessions();
+    shared.adopted(RX, rx.snapshot.generation);
     let mut batch = shared.udp.recv_buf();
     while !shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
         rx.refresh();
@@ -80,7 +90,10 @@ pub(super) fn run(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 rx.joiner.flush(&rx.shared);
-                shared.udp.wait(IDLE_POLL)?;
+                shared.adopted(RX, IDLE);
+                let waited = shared.udp.wait(IDLE_POLL);
+                shared.adopted(RX, rx.snapshot.generation);
+                waited?;
             }
             // ICMP errors reported by the kernel for earlier sends; not fatal.
             Err(e)
@@ -105,8 +118,11 @@ impl Rx {
     fn refresh(&mut self) {
         let current = self.shared.snapshot.load();
         if !Arc::ptr_eq(&current, &self.snapshot) {
+            // A super-frame joined under the old table goes out under it too.
+            self.joiner.flush(&self.shared);
             self.snapshot = current.clone();
             self.adopt_sessions();
+            self.shared.adopted(RX, self.snapshot.generation);
         }
     }
 
@@ -216,7 +232,10 @@ impl Rx {
                 self.learn(src_mac, head.src);
             }
         }
-        if !relay_only && (head.dst.is_none() || head.dst == Some(me)) {
+        let for_us = !relay_only && (head.dst.is_none() || head.dst == Some(me));
+        if for_us && self.snapshot.table.vxlan.contains_key(&head.src) {
+            bump(&self.shared.counters.drop_from_vxlan_peer, frame_count);
+        } else if for_us {
             // Frames must not overtake a super-frame that is still being joined.
             self.joiner.flush(&self.shared);
             let plain = [0u8; VNET_HDR_LEN];
@@ -289,6 +308,9 @@ impl Rx {
             .expect("segments hold an ethernet header");
         self.learn(src_mac, head.src);
         if dst == me {
+            if self.snapshot.table.vxlan.contains_key(&head.src) {
+                return bump(&self.shared.counters.drop_from_vxlan_peer, 1);
+            }
             if let Some(traffic) = self.snapshot.table.peer_traffic.get(&head.src) {
                 traffic.received_many(1, chunk.len() as u64);
             }

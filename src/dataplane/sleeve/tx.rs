@@ -26,7 +26,7 @@ use mesh::PeerName;
 use super::frame::{self, BodyHeader, SegmentMeta, FLAG_RELAY_ONLY, FLAG_SEGMENT};
 use super::icmp;
 use super::offload::{self, Layout, VnetHdr, FRAME_MAX, F_NEEDS_CSUM, VNET_HDR_LEN};
-use super::{bump, Dest, Sender, Shared, Snapshot, TxSession, HOP_LIMIT, IDLE_POLL};
+use super::{bump, Dest, Sender, Shared, Snapshot, TxSession, HOP_LIMIT, IDLE, IDLE_POLL, TX};
 
 /// Frames read from the TAP in one burst are packed into one datagram while its body stays under
 /// this many bytes (a first frame always goes, whatever its size).
@@ -68,6 +68,7 @@ pub(super) fn run(shared: &Arc<Shared>, macs: Receiver<([u8; 6], PeerName)>) -> 
         next_group: 0,
     };
     let mut buf = vec![0u8; VNET_HDR_LEN + FRAME_MAX];
+    shared.adopted(TX, tx.snapshot.generation);
     while !shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
         tx.refresh(&macs);
         match shared.tap.read(&mut buf) {
@@ -75,7 +76,10 @@ pub(super) fn run(shared: &Arc<Shared>, macs: Receiver<([u8; 6], PeerName)>) -> 
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 tx.flush_batch();
                 tx.sender.flush();
-                shared.tap.wait(IDLE_POLL)?;
+                shared.adopted(TX, IDLE);
+                let waited = shared.tap.wait(IDLE_POLL);
+                shared.adopted(TX, tx.snapshot.generation);
+                waited?;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(anyhow::Error::new(e).context("read frame from tap")),
@@ -101,6 +105,7 @@ impl Tx {
             for (owner, via) in self.macs.values_mut() {
                 *via = hop_session(snapshot, *owner);
             }
+            self.shared.adopted(TX, snapshot.generation);
         }
         while let Ok((mac, owner)) = macs.try_recv() {
             if !self.snapshot.table.vxlan.contains_key(&owner) {
