@@ -917,6 +917,11 @@ impl Ipam {
             Init::Consensus(n) => {
                 let quorum = n / 2 + 1;
                 let heard: Vec<PeerName> = self.state.consensus.nodes.keys().copied().collect();
+                // Participants count only while they answer: one that vanished before the first
+                // ring was agreed can't accept a ballot.
+                let (present, away): (Vec<PeerName>, Vec<PeerName>) = heard
+                    .iter()
+                    .partition(|p| **p == self.me || self.reachable.contains(p));
                 let silent: Vec<String> = self
                     .reachable
                     .iter()
@@ -925,27 +930,29 @@ impl Ipam {
                     .collect();
                 // Nothing asked for an address yet: the peers agree on the ring at the first
                 // allocation, anywhere in the mesh. Say so rather than look stuck.
-                let idle = !self.wanting && self.ballot.is_none() && heard.len() >= quorum;
+                let idle = !self.wanting && self.ballot.is_none() && present.len() >= quorum;
                 let mut s = if idle {
                     format!(
                         "no address asked for yet: the initial peers agree on the first ring at the first allocation \
-                         (--ipalloc-init consensus={n}); enough of them are present, heard from {}: {}",
-                        heard.len(),
-                        names(&heard)
+                         (--ipalloc-init consensus={n}); enough of them are present, reachable: {}",
+                        names(&present)
                     )
                 } else {
                     format!(
                         "waiting for the initial peers to agree on the first ring (--ipalloc-init consensus={n}): \
-                         {quorum} of {n} must take part; heard from {}: {}",
-                        heard.len(),
-                        names(&heard)
+                         {quorum} of {n} must take part; taking part and reachable: {}",
+                        names(&present)
                     )
                 };
-                if heard.len() < quorum {
+                if !away.is_empty() {
+                    s += &format!("; taking part but unreachable now: {}", names(&away));
+                }
+                if present.len() < quorum {
                     s += &format!(
-                        "; missing {} more peer(s): launch them, connect them (`meshctl connect`), \
-                         or lower consensus=N",
-                        quorum - heard.len()
+                        "; missing {} more peer(s): launch or reconnect them (`meshctl connect`); if \
+                         initial peers are gone for good, launch the remaining ones again with a \
+                         lower consensus=N (the same N on each)",
+                        quorum - present.len()
                     );
                 }
                 if !silent.is_empty() {
