@@ -253,6 +253,8 @@ fn blocked_attach_says_what_it_waits_for() {
         !waiting.is_empty() && text.contains(&waiting),
         "{text}\n{j}"
     );
+    // consensus=2 needs both initial routers; only this one is here.
+    assert!(waiting.contains("missing 1 more peer"), "{waiting}");
     let (status, out, _) = a.meshctl(&["ipam"]);
     assert!(status.success() && out.contains("waiting:"), "{out}");
 }

@@ -923,6 +923,30 @@ fn a_bootstrap_that_lost_its_quorum_names_the_missing_peers() {
     );
     assert!(waiting.contains("missing 1 more peer"), "{waiting}");
     assert!(waiting.contains("lower consensus=N"), "{waiting}");
+    // The fix it names: the two left reset (state and identity go) and launch again with
+    // consensus=2.
+    for i in [1, 2] {
+        sim.stop(i);
+        sim.peers[i].persisted = None;
+        sim.peers[i].name = PeerName(sim.peers[i].name.0 ^ 1);
+        sim.peers[i].init = Init::Consensus(2);
+        sim.start(i);
+    }
+    sim.advance(Duration::from_secs(5));
+    sim.allocate(1, "c0".into(), None);
+    sim.advance(Duration::from_secs(10));
+    assert!(
+        sim.allocate(1, "c0".into(), None),
+        "{:?}",
+        sim.router(1).ipam().status().waiting
+    );
+    // Only the two that are here own space.
+    let st = sim.router(1).ipam().status();
+    let owners: Vec<PeerName> = st.subnets[0].owners.iter().map(|o| o.peer).collect();
+    assert_eq!(owners.len(), 2, "{owners:?}");
+    assert!(owners
+        .iter()
+        .all(|o| *o == sim.peers[1].name || *o == sim.peers[2].name));
 }
 
 /// Seeds the proof once failed on, each time a peer waiting for space in a small subnet after

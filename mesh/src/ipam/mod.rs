@@ -950,8 +950,8 @@ impl Ipam {
                 if present.len() < quorum {
                     s += &format!(
                         "; missing {} more peer(s): launch or reconnect them (`meshctl connect`); if \
-                         initial peers are gone for good, launch the remaining ones again with a \
-                         lower consensus=N (the same N on each)",
+                         initial peers are gone for good, run `meshctl reset` on the remaining \
+                         ones and launch them again with a lower consensus=N (the same N on each)",
                         quorum - present.len()
                     );
                 }
