@@ -166,6 +166,16 @@ impl Mesh {
             .collect()
     }
 
+    /// `i` runs `meshctl reset`: hands its space to its heir, which hears it, then stops.
+    /// Returns the heir.
+    fn reset(&mut self, i: usize) -> PeerName {
+        let heir = self.ipams[i].heir().expect("a reachable heir");
+        self.ipams[i].hand_over(heir);
+        self.gossip();
+        self.alive.remove(&i);
+        heir
+    }
+
     /// `i` stops for good: the others no longer hear it.
     fn vanish(&mut self, i: usize) {
         self.alive.remove(&i);
@@ -454,11 +464,7 @@ fn a_yield_that_leads_back_through_a_reset_still_ends_in_a_reclaim() {
     mesh.split(&[&[0, 1, eleven], &[2, 3]]);
     mesh.advance(Duration::from_secs(1));
     assert!(mesh.owners(0).contains(&PeerName(5)));
-    let heir = mesh.ipams[0].heir().unwrap();
-    assert_eq!(heir, PeerName(11));
-    mesh.ipams[0].hand_over(heir);
-    mesh.gossip();
-    mesh.alive.remove(&0);
+    assert_eq!(mesh.reset(0), PeerName(11));
     mesh.heal();
     for _ in 0..2 {
         mesh.advance(RECLAIM_AFTER);
@@ -638,10 +644,7 @@ fn a_voided_win_does_not_hide_a_later_one() {
     }
     mesh.heal();
     mesh.advance(Duration::from_secs(1));
-    let heir = mesh.ipams[0].heir().unwrap();
-    mesh.ipams[0].hand_over(heir);
-    mesh.gossip();
-    mesh.alive.remove(&0);
+    mesh.reset(0);
     mesh.vanish(4);
     mesh.advance(RECLAIM_AFTER);
     mesh.advance(RECLAIM_AFTER);

@@ -13,8 +13,9 @@
 //! register, pending; every router that sees it acknowledges it in its record, and once the
 //! acknowledging routers own more than half of the universe (the same rule) the winner settles
 //! it, and with that holds every range the peer owned, in every subnet. Until then it neither
-//! allocates from that space nor votes with it (see `register.rs` for why). Two claimers can't both win: their voters are disjoint sets of
-//! addresses, and two disjoint sets can't both hold more than half (nor both the first address).
+//! allocates from that space nor votes with it (see `register.rs` for why). Two claimers can't
+//! both win: their voters are disjoint sets of addresses, and two disjoint sets can't both hold
+//! more than half (nor both the first address).
 //! The threshold counts the whole universe, the vanished peer's share too, because a claimer's
 //! view of that share may be stale (the peer may have given space away just before it
 //! vanished, to a router on the other side of a partition). The same argument covers splits:
@@ -47,8 +48,9 @@
 //! so and gives out no address, see `Ipam::check_owned`).
 //!
 //! Only peers that own space claim (one that owns none could vanish with its claim open and never
-//! be reclaimed itself, so its claim would never pass on), and only peers that have not departed: a router told it was taken over (it was cut off for
-//! too long) keeps running until its operator resets it, and must not block claims meanwhile.
+//! be reclaimed itself, so its claim would never pass on), and only peers that have not
+//! departed: a router told it was taken over (it was cut off for too long) keeps running until
+//! its operator resets it, and must not block claims meanwhile.
 //! A `meshctl rmpeer` vote needs its peer unreachable for [`FORCED_SETTLE`] at the voter, so a
 //! router that just restarted, and reaches nobody yet, doesn't vote on everyone at once.
 //!
@@ -93,6 +95,15 @@ pub struct Ack {
     pub by: PeerName,
     /// The round it won in.
     pub round: u64,
+}
+
+impl From<Take> for Ack {
+    fn from(t: Take) -> Ack {
+        Ack {
+            by: t.by,
+            round: t.round,
+        }
+    }
 }
 
 /// One peer's claims and votes; part of its gossiped record. Entries of past rounds, or on peers
@@ -223,10 +234,7 @@ impl Ipam {
         let register = universe.register();
         let winner = register.owner(take.by);
         let whole = universe.subnet().range();
-        let ack = Ack {
-            by: take.by,
-            round: take.round,
-        };
+        let ack = Ack::from(take);
         let mut tally = Tally {
             voted: 0,
             first: false,
@@ -339,17 +347,10 @@ impl Ipam {
         // Inherit: the claims of peers whose space came to us, with the votes they gathered.
         changed |= self.inherit_claims(&register);
         // Acknowledge the pending reclaims we see.
-        for x in register.taken().keys() {
-            if let Some(t) = register.pending(*x) {
-                let ack = Ack {
-                    by: t.by,
-                    round: t.round,
-                };
-                let rec = self.state.records.get_mut(&self.me).expect("own record");
-                if rec.claims.seen.get(x) != Some(&ack) {
-                    rec.claims.seen.insert(*x, ack);
-                    changed = true;
-                }
+        for (x, t) in register.pending_all() {
+            let rec = self.state.records.get_mut(&self.me).expect("own record");
+            if rec.claims.seen.insert(x, Ack::from(t)) != Some(Ack::from(t)) {
+                changed = true;
             }
         }
         // Vote: once per vanished peer and round, for the smallest claimer we see.
@@ -411,9 +412,7 @@ impl Ipam {
         // routers owning more than half of the universe have seen.
         let pending: Vec<(PeerName, Take)> = universe
             .register()
-            .taken()
-            .keys()
-            .filter_map(|x| universe.register().pending(*x).map(|t| (*x, t)))
+            .pending_all()
             .filter(|(_, t)| universe.register().owner(t.by) == self.me)
             .collect();
         for (x, t) in pending {
@@ -479,11 +478,9 @@ impl Ipam {
         rec.claims
             .yielded
             .retain(|x, y| live(register, *x, y.round));
-        rec.claims.seen.retain(|x, a| {
-            register
-                .pending(*x)
-                .is_some_and(|t| t.by == a.by && t.round == a.round)
-        });
+        rec.claims
+            .seen
+            .retain(|x, a| register.pending(*x).map(Ack::from) == Some(*a));
         let changed = rec.claims != before;
         for x in restart {
             if !self.reachable.contains(&x) {

@@ -120,6 +120,13 @@ impl Register {
             .copied()
     }
 
+    /// Every pending reclaim (see [`Register::pending`]), by reclaimed peer.
+    pub fn pending_all(&self) -> impl Iterator<Item = (PeerName, Take)> + '_ {
+        self.taken
+            .keys()
+            .filter_map(|x| self.pending(*x).map(|t| (*x, t)))
+    }
+
     /// Whether `peer` was reclaimed for good: its votes are settled.
     pub fn settled(&self, peer: PeerName) -> bool {
         self.taken.get(&peer).is_some_and(|t| t.settled)

@@ -681,6 +681,19 @@ mod tests {
         }
     }
 
+    /// Whether a namespace test must skip: it needs root and `ping`. Says why.
+    fn skip_without_root_and_ping() -> bool {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for network namespaces");
+            return true;
+        }
+        if Command::new("ping").arg("-V").output().is_err() {
+            eprintln!("skipped: ping (iputils-ping) is not installed");
+            return true;
+        }
+        false
+    }
+
     /// The daemon spawns `run` on a multi-threaded runtime, so its future must be `Send`.
     #[test]
     fn run_future_is_send() {
@@ -691,12 +704,7 @@ mod tests {
 
     #[test]
     fn ping_crosses_the_sleeve_and_bad_datagrams_are_counted() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: needs root for network namespaces");
-            return;
-        }
-        if Command::new("ping").arg("-V").output().is_err() {
-            eprintln!("skipped: ping (iputils-ping) is not installed");
+        if skip_without_root_and_ping() {
             return;
         }
         let netns = Netns::new().expect("create namespaces");
@@ -851,12 +859,7 @@ mod tests {
     /// own probes): A writes none of it into its TAP, or its bridge would learn B's MACs there.
     #[test]
     fn frames_from_a_peer_on_vxlan_never_reach_the_tap() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: needs root for network namespaces");
-            return;
-        }
-        if Command::new("ping").arg("-V").output().is_err() {
-            eprintln!("skipped: ping (iputils-ping) is not installed");
+        if skip_without_root_and_ping() {
             return;
         }
         let netns = Netns::new().expect("create namespaces");
